@@ -1,0 +1,28 @@
+# Graft: `make test` sets up .venv and runs the tests; `make run` sets up and runs Graft.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN = $(VENV)/bin
+DATA ?= ../shared/datasets/hymenoptera
+
+.PHONY: setup test run bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+test: setup
+	$(BIN)/pytest -q
+
+run: setup
+	$(BIN)/graft backbones
+	$(BIN)/graft train $(DATA) --strategy features --epochs 10 --out runs/demo
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Graft's web tier. Never imports torch."""

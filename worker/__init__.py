@@ -1,0 +1,1 @@
+"""Graft's worker side: the training engine (worker.engine) and, later, the bridge to the queue."""

@@ -1,0 +1,165 @@
+"""Engine commands of the `graft` CLI: train, backbones, weights import, predict.
+
+Importing this module must stay cheap and torch-free (the web image has no torch): every command
+imports the engine inside its body.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+weights_app = typer.Typer(help="Manage pretrained weights (for servers without internet access).",
+                          no_args_is_help=True)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graft")
+
+
+def train(
+    data_dir: Path = typer.Argument(..., help="Folder with train/ and val/ (or train/ only, or class folders)."),
+    backbone: str = typer.Option("efficientnet_lite0", help="See `graft backbones`."),
+    strategy: str = typer.Option("features", help="features | finetune_last:N | full | two_stage"),
+    epochs: int = typer.Option(10, min=1),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate (default depends on the strategy)."),
+    batch_size: int = typer.Option(32, min=1),
+    image_size: Optional[int] = typer.Option(None, help="Input size (default: the backbone's)."),
+    augment: str = typer.Option("light", help="none | light | standard"),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: runs/<backbone>-<time>)."),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init instead of ImageNet weights."),
+    head_epochs: Optional[int] = typer.Option(None, help="two_stage: epochs of the head-only stage."),
+    optimizer: str = typer.Option("adamw", help="adamw | sgd"),
+    schedule: str = typer.Option("cosine", help="cosine | step | constant"),
+    patience: Optional[int] = typer.Option(5, help="Early stopping patience on val loss (0 disables)."),
+    label_smoothing: float = typer.Option(0.1),
+    feature_views: int = typer.Option(2, help="Frozen backbone: augmented views per train image."),
+    val_fraction: float = typer.Option(0.2, help="Val share when the data has no val split."),
+    max_train_images: Optional[int] = typer.Option(None, help="Train on a stratified subset."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.pt."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default $GRAFT_CACHE_DIR or ~/.cache/graft)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line (last line of stdout)."),
+) -> None:
+    """Fine-tune a pretrained backbone on a folder of labelled images."""
+    from pydantic import ValidationError
+
+    from .errors import GraftError
+    from .spec import RunSpec
+
+    try:
+        spec = RunSpec(backbone=backbone, pretrained=not no_pretrained, strategy=strategy, epochs=epochs, lr=lr,
+                       batch_size=batch_size, image_size=image_size, augment=augment, seed=seed,
+                       head_epochs=head_epochs, optimizer=optimizer, schedule=schedule,
+                       patience=patience or None, label_smoothing=label_smoothing, feature_views=feature_views,
+                       val_fraction=val_fraction, max_train_images=max_train_images)
+    except ValidationError as e:
+        _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
+                        for err in e.errors()))
+    out = out or Path("runs") / f"{backbone}-{strategy.replace(':', '')}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    from .progress import RichCallbacks
+    from .runner import run
+
+    cb = RichCallbacks(quiet=False)
+    try:
+        with cb:
+            result = run(spec, data_dir, out, cb, resume=resume, cache_dir=None if no_cache else
+                         (cache_dir or default_cache_dir()), device=device)
+    except GraftError as e:
+        _fail(str(e))
+    summary = result.summary()
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        cb.print_summary(result)
+    if result.status == "stopped":
+        raise typer.Exit(1)
+
+
+def backbones(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List every backbone and whether its pretrained weights are available on this machine."""
+    from .backbones import REGISTRY, num_params, weights_available, weights_file
+
+    rows = []
+    for name, info in REGISTRY.items():
+        rows.append({
+            "name": name, "description": info.description, "params": num_params(info),
+            "image_size": info.preprocessing.image_size, "pretrained_available": weights_available(info),
+            "weights": info.weights_note, "weights_file": str(weights_file(info)),
+        })
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Backbones")
+    for col in ("name", "params", "size", "weights here", "description"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], f"{r['params'] / 1e6:.1f}M", str(r["image_size"]),
+                  "[green]yes[/]" if r["pretrained_available"] else "[red]no[/] (graft weights import)",
+                  r["description"])
+    Console().print(t)
+
+
+@weights_app.command("import")
+def weights_import(
+    file: Path = typer.Argument(..., help="The downloaded .pth file (official torchvision weights)."),
+    backbone: str = typer.Option(..., help="Which backbone the file is for."),
+) -> None:
+    """Check a downloaded weights file (sha256, tensor shapes) and put it in the TORCH_HOME cache."""
+    from .backbones import import_weights
+    from .errors import GraftError
+
+    try:
+        target = import_weights(file, backbone)
+    except GraftError as e:
+        _fail(str(e))
+    typer.echo(f"imported {file} as {target}")
+
+
+def predict(
+    model: Path = typer.Argument(..., help="A model.pt written by `graft train`."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    top_k: int = typer.Option(3, min=1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Classify images with a trained model."""
+    from .errors import GraftError
+    from .predict import Predictor
+
+    try:
+        res = Predictor(model).predict(images, top_k=top_k)
+    except GraftError as e:
+        _fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(res) + "\n")
+        return
+    for r in res:
+        if "error" in r:
+            typer.echo(f"{r['file']}: error: {r['error']}")
+        else:
+            typer.echo(f"{r['file']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+
+
+def register(app: typer.Typer) -> None:
+    logging.basicConfig(level=os.environ.get("GRAFT_LOG_LEVEL", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    app.command()(train)
+    app.command()(backbones)
+    app.command()(predict)
+    app.add_typer(weights_app, name="weights")

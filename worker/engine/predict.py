@@ -1,0 +1,51 @@
+"""Predictions from a saved model file."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .backbones import Preprocessing
+from .data import eval_transform, load_image, normalize, resize_short, to_tensor_u8
+from .errors import ImageError
+from .modelfile import load_model
+
+
+class Predictor:
+    """A loaded model plus its preprocessing; `predict` takes image paths and returns top-k per image."""
+
+    def __init__(self, model_path: str | Path, device: str = "cpu"):
+        self.model, self.meta = load_model(model_path, device)
+        self.device = torch.device(device)
+        self.classes: list[str] = self.meta["classes"]
+        self.pre = Preprocessing.from_dict(self.meta["preprocessing"])
+        self._crop = eval_transform(self.pre.image_size)
+
+    def _tensor(self, path: Path) -> torch.Tensor:
+        img = load_image(path, self.pre.resize_size)
+        return self._crop(to_tensor_u8(resize_short(img, self.pre.resize_size, self.pre.interpolation)))
+
+    @torch.inference_mode()
+    def probabilities(self, batch_u8: torch.Tensor) -> torch.Tensor:
+        x = normalize(batch_u8.to(self.device), self.pre, channels_last=False)
+        return self.model(x).float().softmax(1).cpu()
+
+    def predict(self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32) -> list[dict]:
+        """One dict per path, in order: {"file", "top": [{"class", "probability"}...]} or {"file", "error"}."""
+        results: list[dict] = [{} for _ in paths]
+        good: list[tuple[int, torch.Tensor]] = []
+        for i, p in enumerate(paths):
+            try:
+                good.append((i, self._tensor(Path(p))))
+            except ImageError as e:
+                results[i] = {"file": str(p), "error": str(e)}
+        k = min(top_k, len(self.classes))
+        for s in range(0, len(good), batch_size):
+            chunk = good[s:s + batch_size]
+            probs = self.probabilities(torch.stack([t for _, t in chunk]))
+            for (i, _), pr in zip(chunk, probs):
+                vals, idx = pr.topk(k)
+                results[i] = {"file": str(paths[i]), "top": [
+                    {"class": self.classes[j], "probability": round(float(v), 6)} for v, j in zip(vals, idx)]}
+        return results

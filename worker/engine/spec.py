@@ -1,0 +1,87 @@
+"""The parameter object of one training run.
+
+Torch-free on purpose: the web form, the REST API and the CLI all build a `RunSpec`,
+and the web tier must not import torch.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STRATEGY_RE = re.compile(r"^(features|full|two_stage|finetune_last:(\d+))$")
+
+# Learning rates that work for each strategy with AdamW (SGD gets 10x these, see `effective_lr`).
+DEFAULT_LR = {"features": 3e-3, "finetune_last": 3e-4, "full": 3e-4, "two_stage": 3e-3}
+
+
+class RunSpec(BaseModel):
+    """Everything that describes one training run (not where its data or outputs live)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = Field("efficientnet_lite0", description="Backbone name, see `graft backbones`.")
+    pretrained: bool = Field(True, description="Start from ImageNet weights; False means random init.")
+    strategy: str = Field(
+        "features",
+        description="features | finetune_last:N | full | two_stage",
+    )
+    epochs: int = Field(10, ge=1, le=1000, description="Total epochs, all phases together.")
+    head_epochs: int | None = Field(
+        None, ge=1, description="two_stage only: epochs of the first, head-only phase (default: half)."
+    )
+    lr: float | None = Field(None, gt=0, le=10, description="Base learning rate (default depends on strategy).")
+    batch_size: int = Field(32, ge=1, le=4096)
+    image_size: int | None = Field(None, ge=32, le=1024, description="Input size (default: the backbone's).")
+    augment: Literal["none", "light", "standard"] = "light"
+    feature_views: int = Field(
+        2, ge=1, le=32, description="Frozen backbone: augmented views of each train image computed once."
+    )
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float | None = Field(
+        None, ge=0, le=100, description="Linear warm-up; default: 1 epoch for phases that unfreeze layers."
+    )
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the new classifier.")
+    patience: int | None = Field(5, ge=1, description="Early stopping on val loss; None disables it.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Used when the data has no val split.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    mixed_precision: bool = Field(True, description="bf16/fp16 autocast on CUDA (ignored on CPU).")
+    max_train_images: int | None = Field(None, ge=2, description="Use at most this many train images.")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        m = STRATEGY_RE.match(v.strip())
+        if not m:
+            raise ValueError(
+                f"unknown strategy {v!r}: use one of features, finetune_last:N (N >= 1), full, two_stage"
+            )
+        if m.group(2) is not None and int(m.group(2)) < 1:
+            raise ValueError("finetune_last:N needs N >= 1 (the number of top layer groups to train)")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _two_stage_epochs(self) -> RunSpec:
+        if self.strategy == "two_stage" and self.epochs < 2:
+            raise ValueError("two_stage needs epochs >= 2 (one for the head, at least one to fine-tune)")
+        if self.head_epochs is not None and self.strategy == "two_stage" and self.head_epochs >= self.epochs:
+            raise ValueError("head_epochs must be smaller than epochs so that the second stage runs")
+        return self
+
+    @property
+    def strategy_kind(self) -> str:
+        return self.strategy.split(":", 1)[0]
+
+    @property
+    def finetune_groups(self) -> int | None:
+        return int(self.strategy.split(":", 1)[1]) if self.strategy.startswith("finetune_last:") else None
+
+    def effective_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        base = DEFAULT_LR[self.strategy_kind]
+        return base * 10 if self.optimizer == "sgd" else base

@@ -188,17 +188,23 @@ def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
 
 
 def subsample(items: list[tuple[Path, int]], n: int, seed: int) -> list[tuple[Path, int]]:
-    """A stratified, seeded subset of at most n items (for quick runs)."""
+    """A stratified, seeded subset of at most n items (for quick runs). Every class keeps at least one
+    item: with n below the number of classes, that is one item per class."""
     if n >= len(items):
         return items
     rng = random.Random(seed)
     by: dict[int, list] = {}
     for it in items:
         by.setdefault(it[1], []).append(it)
+    groups = sorted(by.items())
+    share = {lbl: n * len(its) / len(items) for lbl, its in groups}
+    quota = {lbl: max(1, int(share[lbl])) for lbl, _ in groups}
+    spare = n - sum(quota.values())  # largest remainders first, so the total never goes over n
+    for lbl in sorted(quota, key=lambda lbl: quota[lbl] - share[lbl])[:max(0, spare)]:
+        quota[lbl] += 1
     out = []
-    for lbl, its in sorted(by.items()):
-        k = max(1, round(n * len(its) / len(items)))
-        out.extend(rng.sample(its, min(k, len(its))))
+    for lbl, its in groups:
+        out.extend(rng.sample(its, min(quota[lbl], len(its))))
     return sorted(out)
 
 

@@ -53,7 +53,7 @@ def save_model_file(path: Path, model: GraftNet, classes: list[str], pre: Prepro
         "metrics": metrics,
         "pretrained_weights": weights,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }, path)
 

@@ -313,6 +313,13 @@ class Runner:
 
         return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
+    def _batch_size(self, on_features: bool) -> int:
+        """Training the head on cached features costs nothing per step, so small datasets get smaller
+        batches there: at least 10 optimizer steps per epoch, never more than batch_size per batch."""
+        if not on_features:
+            return self.spec.batch_size
+        return max(1, min(self.spec.batch_size, math.ceil(len(self.train_idx) / 10)))
+
     def _loss(self, logits, y):
         return F.cross_entropy(logits.float(), y, label_smoothing=self.spec.label_smoothing)
 
@@ -324,7 +331,7 @@ class Runner:
         head = self.model.head
         head.train()
         perm = torch.randperm(len(y_all))
-        bs = self.spec.batch_size
+        bs = self._batch_size(True)
         n_batches = math.ceil(len(perm) / bs)
         loss_sum = correct = seen = 0
         t = time.perf_counter()
@@ -499,7 +506,7 @@ class Runner:
                 if not phase.backbone_frozen:
                     body_touched = True
                 opt = self._optimizer(phase)
-                steps = math.ceil(len(self.train_idx) / self.spec.batch_size)
+                steps = math.ceil(len(self.train_idx) / self._batch_size(on_feats))
                 sched = self._scheduler(opt, phase, steps)
                 scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 and not on_feats
                           else None)

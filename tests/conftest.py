@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+HYMENOPTERA = SHARED / "hymenoptera"
+
+# tests never download weights
+os.environ.setdefault("GRAFT_OFFLINE", "1")
+
+
+def _copy_slice(dst: Path, per_class: dict[str, int], offset: int = 0) -> Path:
+    for split, n in per_class.items():
+        for cls in ("ants", "bees"):
+            src = sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[offset:offset + n]
+            assert len(src) == n, f"hymenoptera is missing images under {split}/{cls}"
+            (dst / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in src:
+                shutil.copy2(f, dst / split / cls / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_slice(tmp_path_factory) -> Path:
+    """A small real slice: 16 train and 10 val images per class (ants, bees)."""
+    if not HYMENOPTERA.is_dir():
+        pytest.fail(f"the shared dataset {HYMENOPTERA} is missing")
+    return _copy_slice(tmp_path_factory.mktemp("hymenoptera"), {"train": 16, "val": 10})
+
+
+@pytest.fixture(scope="session")
+def tiny_slice(tmp_path_factory) -> Path:
+    """An even smaller slice for runs that train the whole network: 6 train, 3 val per class."""
+    return _copy_slice(tmp_path_factory.mktemp("tiny"), {"train": 6, "val": 3}, offset=20)

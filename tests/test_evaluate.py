@@ -1,0 +1,93 @@
+"""Tests for worker/engine/evaluate.py: confusion matrix and classification report, checked by hand."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.engine.evaluate import classification_report, confusion_matrix
+
+# 4 classes, 8 samples. "c" is never predicted (precision 0); "d" has no true samples (support 0)
+# but is predicted once (a false positive).
+CLASSES = ["a", "b", "c", "d"]
+Y_TRUE = [0, 0, 0, 1, 1, 1, 2, 2]
+Y_PRED = [0, 0, 1, 1, 1, 3, 0, 1]
+# rows: true class, columns: predicted class
+EXPECTED_CM = [
+    [2, 1, 0, 0],
+    [0, 2, 0, 1],
+    [1, 1, 0, 0],
+    [0, 0, 0, 0],
+]
+
+
+def test_confusion_matrix_by_hand():
+    cm = confusion_matrix(Y_TRUE, Y_PRED, 4)
+    assert isinstance(cm, np.ndarray) and cm.dtype == np.int64
+    assert cm.tolist() == EXPECTED_CM
+    assert cm.sum() == len(Y_TRUE)
+
+
+def test_confusion_matrix_counts_repeats_and_accepts_arrays():
+    cm = confusion_matrix(np.array([1, 1, 1, 0]), np.array([0, 0, 1, 0]), 3)
+    assert cm.tolist() == [[1, 0, 0], [2, 1, 0], [0, 0, 0]]
+
+
+def test_confusion_matrix_empty():
+    assert confusion_matrix([], [], 2).tolist() == [[0, 0], [0, 0]]
+
+
+def test_classification_report_by_hand():
+    r = classification_report(Y_TRUE, Y_PRED, CLASSES)
+    assert r["classes"] == CLASSES
+    assert r["confusion_matrix"] == EXPECTED_CM
+    assert r["accuracy"] == pytest.approx(0.5)  # 4 right of 8
+    pc = r["per_class"]
+    assert list(pc) == CLASSES
+    # a: tp 2, predicted 3, support 3
+    assert pc["a"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    # b: tp 2, predicted 4, support 3 -> F1 = 2 * 0.5 * 0.6667 / 1.1667 = 4/7
+    assert pc["b"]["precision"] == pytest.approx(0.5)
+    assert pc["b"]["recall"] == pytest.approx(0.6666667)
+    assert pc["b"]["f1"] == pytest.approx(0.5714286)
+    assert pc["b"]["support"] == 3
+    # c: never predicted -> precision 0 (not NaN), recall 0, F1 0
+    assert pc["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    # d: no true samples -> recall 0, support 0; its one prediction is wrong -> precision 0
+    assert pc["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # macro F1 averages the classes that have support only: (2/3 + 4/7 + 0) / 3 = 26/63
+    assert r["macro_f1"] == pytest.approx(0.4126984)
+    # plain Python types, so the report serialises to JSON
+    assert all(type(v) is float for m in pc.values() for k, v in m.items() if k != "support")
+    assert all(type(m["support"]) is int for m in pc.values())
+    assert type(r["accuracy"]) is float and type(r["macro_f1"]) is float
+
+
+def test_classification_report_no_nan_anywhere():
+    r = classification_report(Y_TRUE, Y_PRED, CLASSES)
+    values = [v for m in r["per_class"].values() for v in m.values()] + [r["accuracy"], r["macro_f1"]]
+    assert not any(np.isnan(v) for v in values)
+
+
+def test_classification_report_perfect():
+    r = classification_report([0, 1, 2, 1], [0, 1, 2, 1], ["x", "y", "z"])
+    assert r["accuracy"] == 1.0 and r["macro_f1"] == 1.0
+    assert r["per_class"]["y"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
+    assert r["confusion_matrix"] == [[1, 0, 0], [0, 2, 0], [0, 0, 1]]
+
+
+def test_classification_report_all_one_class_predicted():
+    # 3 of class 0, 1 of class 1; everything predicted as 0
+    r = classification_report([0, 0, 0, 1], [0, 0, 0, 0], ["maj", "min"])
+    assert r["accuracy"] == pytest.approx(0.75)
+    assert r["per_class"]["maj"]["precision"] == pytest.approx(0.75)
+    assert r["per_class"]["maj"]["recall"] == pytest.approx(1.0)
+    assert r["per_class"]["maj"]["f1"] == pytest.approx(6 / 7)  # 2 * 0.75 / 1.75
+    assert r["per_class"]["min"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert r["macro_f1"] == pytest.approx(3 / 7)
+
+
+def test_classification_report_empty():
+    r = classification_report([], [], ["a", "b"])
+    assert r["accuracy"] == 0.0 and r["macro_f1"] == 0.0
+    assert r["confusion_matrix"] == [[0, 0], [0, 0]]
+    assert r["per_class"]["a"]["support"] == 0

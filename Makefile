@@ -9,7 +9,7 @@ DATA ?= ../shared/datasets/hymenoptera
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[worker,dev]'
 	touch $@
 
 setup: $(BIN)/.installed

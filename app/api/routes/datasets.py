@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from sqlalchemy import select
+from starlette.datastructures import UploadFile
+
+from app.api.deps import CurrentUser, SessionDep, SettingsDep
+from app.api.schemas import DatasetOut
+from app.core.errors import BadRequest
+from app.db.models import Dataset
+from app.services import datasets as service
+
+router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "description": "A name for the dataset"},
+                "file": {"type": "string", "format": "binary",
+                         "description": "A zip of train/ + val/ (or of one folder per class)"},
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                          "description": "Or: the files of a folder, each named by its relative path"},
+            },
+        }}},
+    }
+}
+
+
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD_BODY)
+async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep, user: CurrentUser):
+    """Upload a dataset as a zip (`file`) or as a folder (`files`, many, named by relative path)."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise BadRequest("send multipart/form-data with a zip in the field 'file' (or the folder's files in 'files')")
+    form = await request.form(max_files=200_000, max_fields=100)
+    try:
+        name = form.get("name")
+        name = name if isinstance(name, str) else ""
+        zip_file = form.get("file")
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if isinstance(zip_file, UploadFile):
+            ds = service.create_from_zip(session, settings, user, name or _stem(zip_file.filename), zip_file.file)
+        elif files:
+            ds = service.create_from_files(session, settings, user, name or _top(files[0].filename),
+                                           ((f.filename or "", f.file) for f in files))
+        else:
+            raise BadRequest("no file: send the zip in the form field 'file', or a folder's files in 'files'")
+    finally:
+        await form.close()
+    return DatasetOut.model_validate(ds)
+
+
+def _stem(filename: str | None) -> str:
+    return (filename or "dataset").rsplit("/", 1)[-1].removesuffix(".zip")
+
+
+def _top(filename: str | None) -> str:
+    return (filename or "dataset").replace("\\", "/").split("/", 1)[0]
+
+
+@router.get("", response_model=list[DatasetOut])
+def list_datasets(session: SessionDep, user: CurrentUser):
+    return [DatasetOut.model_validate(d) for d in
+            session.scalars(select(Dataset).where(Dataset.owner_id == user.id).order_by(Dataset.id.desc()))]
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: int, session: SessionDep, user: CurrentUser):
+    return DatasetOut.model_validate(service.get_owned(session, user, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
+    service.delete(session, settings, user, dataset_id)
+    return Response(status_code=204)

@@ -1,0 +1,84 @@
+"""API schemas (Pydantic), kept apart from the ORM models."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from worker.engine.spec import RunSpec
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    name: str
+    layout: str
+    classes: list[str]
+    counts: dict[str, dict[str, int]]
+    warnings: list[str]
+    num_images: int
+    size_bytes: int
+    created_at: dt.datetime
+
+
+class JobCreate(RunSpec):
+    """The run's parameters (every field has a default) plus the dataset to train on."""
+
+    dataset_id: int
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    dataset_id: int
+    status: str
+    progress: float
+    stage: str | None
+    current_epoch: int
+    total_epochs: int
+    eta_seconds: float | None
+    best_val_acc: float | None
+    error: str | None
+    cancel_requested: bool
+    spec: dict[str, Any]
+    result: dict[str, Any] | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class EpochMetricOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    epoch: int
+    phase: str
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    images_per_s: float
+    seconds: float
+    elapsed: float
+    eta: float
+    is_best: bool
+
+
+class BackboneOut(BaseModel):
+    name: str
+    description: str
+    params: int
+    image_size: int
+    pretrained_available: bool
+    weights_file: str
+    weights_url: str | None

@@ -1,0 +1,69 @@
+"""Settings from GRAFT_* environment variables (and a .env file), with embedded defaults:
+SQLite and a serverless Celery transport under the data directory, so nothing has to be installed."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRAFT_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("graft-data"), description="Datasets, runs, the SQLite file, the embedded broker.")
+    database_url: str | None = Field(None, description="Default: sqlite:///<data_dir>/graft.db")
+    broker_url: str | None = Field(None, description="Default: a filesystem transport under <data_dir>/broker")
+    weights_dir: Path | None = Field(None, description="Pretrained weights cache (TORCH_HOME); default torch's")
+    cache_dir: Path | None = Field(None, description="Feature cache; default <data_dir>/cache")
+    max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted upload")
+    max_extracted_bytes: int = Field(8 << 30, ge=1, description="Largest total size of an extracted zip")
+    max_zip_entries: int = Field(200_000, ge=1)
+    max_zip_ratio: float = Field(200.0, gt=1, description="Largest compression ratio of a zip entry")
+    progress_interval_s: float = Field(2.0, gt=0, description="How often a worker writes batch progress")
+    default_user: str = "admin"
+    session_max_age_s: int = 14 * 24 * 3600
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'graft.db'}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def features_cache_dir(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.datasets_dir, self.runs_dir, self.uploads_dir, self.broker_dir / "queue",
+                  self.broker_dir / "processed"):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,139 @@
+"""The database: the record of users, datasets, jobs, their metrics and artifacts.
+
+ORM models only; the API's Pydantic schemas live in app/api/schemas.py.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, dt.datetime: DateTime(timezone=True)}
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+FINAL_STATUSES = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token. Only its sha256 is stored; `kind` "api" is long-lived, "login" is the one-time
+    sign-in token that `graft serve` prints, "session" backs a browser cookie."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(16), default="api")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(12))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    user: Mapped[User] = relationship()
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(String(500))  # relative to the data directory
+    layout: Mapped[str] = mapped_column(String(200), default="")
+    classes: Mapped[list[Any]] = mapped_column(default=list)
+    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"train": {cls: n}, "val": {cls: n}}
+    warnings: Mapped[list[Any]] = mapped_column(default=list)
+    num_images: Mapped[int] = mapped_column(default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value, index=True)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    celery_task_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    current_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    total_epochs: Mapped[int] = mapped_column(Integer, default=0)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    best_val_acc: Mapped[float | None] = mapped_column(Float, default=None)
+    result: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    dataset: Mapped[Dataset] = relationship()
+
+
+class EpochMetric(Base):
+    __tablename__ = "epoch_metrics"
+    __table_args__ = (UniqueConstraint("job_id", "epoch"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(32))
+    train_loss: Mapped[float] = mapped_column(Float)
+    train_acc: Mapped[float] = mapped_column(Float)
+    val_loss: Mapped[float] = mapped_column(Float)
+    val_acc: Mapped[float] = mapped_column(Float)
+    lr: Mapped[float] = mapped_column(Float)
+    images_per_s: Mapped[float] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+    elapsed: Mapped[float] = mapped_column(Float)
+    eta: Mapped[float] = mapped_column(Float)
+    is_best: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class JobEvent(Base):
+    """Append-only events of a job (status changes, epochs, messages): the SSE stream replays them
+    by id, so a client reconnecting with Last-Event-ID misses nothing."""
+
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # status | epoch | message
+    data: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "kind"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # model | metrics | ...
+    path: Mapped[str] = mapped_column(String(500))  # relative to the data directory
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,103 @@
+"""The FastAPI application: REST API under /api/v1, pages, static assets. Never imports torch."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.routes import backbones, datasets, health, jobs
+from app.core.errors import AppError
+from app.core.settings import Settings, get_settings
+from app.db.session import session_factory
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error(status: int, code: str, message: str, details=None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, list]:
+    problems = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
+        problems.append({"field": loc, "problem": e.get("msg", "")})
+    text = "; ".join(f"{p['field'] or 'body'}: {p['problem']}" for p in problems)
+    return f"invalid request: {text}. Fix these fields and send it again", problems
+
+
+class UploadLimit:
+    """Refuses a request whose declared body is larger than the upload limit before reading it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for k, v in scope.get("headers", ()):
+                if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                    resp = _error(413, "too_large", f"the request body ({int(v)} bytes) is larger than the limit of "
+                                  f"{self.limit} bytes: upload a smaller dataset or raise GRAFT_MAX_UPLOAD_BYTES")
+                    await resp(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    if settings.weights_dir:  # where the catalog looks for pretrained weights (as torch would)
+        os.environ["TORCH_HOME"] = str(settings.weights_dir)
+    app = FastAPI(title="Graft", version="0.1.0",
+                  description="Self-hosted transfer learning on images. Authenticate with 'Authorization: "
+                              "Bearer <token>' (create one with `graft token create --name NAME`).")
+    app.state.settings = settings
+    app.state.sessions = session_factory(settings.db_url)
+
+    @app.exception_handler(AppError)
+    async def _app_error(request: Request, exc: AppError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        resp = _error(exc.status, exc.code, exc.message, exc.details)
+        if headers:
+            resp.headers.update(headers)
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        msg, problems = _validation_message(exc)
+        return _error(422, "invalid", msg, problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return _error(404, "not_found", f"no such page or endpoint: {request.url.path}; the API is "
+                          "described at /docs")
+        if exc.status_code == 405:
+            return _error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal", "internal error: the server log has the details")
+
+    for r in (health.router, backbones.router, datasets.router, jobs.router):
+        app.include_router(r)
+    from app.web.routes import router as web_router
+
+    app.include_router(web_router)
+    app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
+    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes + (1 << 20))
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory app.main:app_from_env`."""
+    return create_app()

@@ -1,0 +1,106 @@
+"""Jobs: create (row first, commit, then enqueue the id), read, cancel, delete."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
+from app.core.settings import Settings
+from app.db.models import FINAL_STATUSES, Artifact, Job, JobEvent, JobStatus, User
+from app.services import datasets as dataset_service
+from worker.engine.catalog import CATALOG
+from worker.engine.spec import RunSpec
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def get_owned(session: Session, user: User, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.owner_id != user.id:
+        raise NotFound(f"job {job_id} not found: list yours with GET /api/v1/jobs")
+    return job
+
+
+def enqueue(session: Session, settings: Settings, job: Job) -> None:
+    """Send the job id to the broker (after the row is committed). On broker trouble the job stays
+    queued in the database (the record) and the caller gets a 503 that says so."""
+    from worker.celery_app import enqueue_job
+
+    try:
+        task_id = enqueue_job(job.id, settings)
+    except Exception as e:  # kombu/redis raise many kinds; all mean "not enqueued"
+        log.warning("could not enqueue job %s: %s", job.id, e)
+        raise ServiceUnavailable(
+            f"job {job.id} was saved but the job queue ({settings.broker.split('://')[0]}) cannot be reached "
+            f"({type(e).__name__}); it stays queued and will be sent when the queue is back; check the broker "
+            "(GRAFT_BROKER_URL)", {"job_id": job.id}) from None
+    session.execute(update(Job).where(Job.id == job.id).values(celery_task_id=task_id))
+    session.commit()
+    job.celery_task_id = task_id
+
+
+def create(session: Session, settings: Settings, user: User, dataset_id: int, spec: RunSpec) -> Job:
+    ds = dataset_service.get_owned(session, user, dataset_id)
+    if spec.backbone not in CATALOG:
+        raise Unprocessable(f"unknown backbone {spec.backbone!r}: choose one of {', '.join(CATALOG)}")
+    if spec.pretrained and not CATALOG[spec.backbone].weights_available():
+        raise Unprocessable(
+            f"pretrained weights for {spec.backbone} are not on this server: import them with "
+            f"`graft weights import FILE --backbone {spec.backbone}`, pick a backbone whose weights are "
+            "available (GET /api/v1/backbones), or set pretrained=false")
+    job = Job(owner_id=user.id, dataset_id=ds.id, spec=spec.model_dump(), status=JobStatus.queued.value,
+              total_epochs=spec.epochs)
+    session.add(job)
+    session.flush()
+    session.add(JobEvent(job_id=job.id, kind="status", data={"status": "queued", "error": None}))
+    session.commit()
+    enqueue(session, settings, job)
+    return job
+
+
+def cancel(session: Session, user: User, job_id: int) -> Job:
+    """Queued: cancelled at once (a worker that receives it later skips it). Running: the worker sees the
+    flag within a second or two and stops. Finished: 409."""
+    job = get_owned(session, user, job_id)
+    if job.status in FINAL_STATUSES:
+        raise Conflict(f"job {job.id} already {job.status}: there is nothing to cancel")
+    now = utcnow()
+    n = session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.queued.value).values(
+        status=JobStatus.cancelled.value, cancel_requested=True, finished_at=now, error="cancelled on request")
+    ).rowcount
+    if n:
+        session.add(JobEvent(job_id=job.id, kind="status", data={"status": "cancelled",
+                                                                   "error": "cancelled on request"}))
+    else:
+        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def delete(session: Session, settings: Settings, user: User, job_id: int) -> None:
+    job = get_owned(session, user, job_id)
+    if job.status not in FINAL_STATUSES:
+        raise Conflict(f"job {job.id} is {job.status}: cancel it first, then delete it")
+    session.delete(job)
+    session.commit()
+    run_dir = settings.runs_dir / str(job_id)
+    if run_dir.resolve().is_relative_to(settings.runs_dir.resolve()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def artifact(session: Session, user: User, job_id: int, kind: str) -> Artifact:
+    job = get_owned(session, user, job_id)
+    art = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == kind))
+    if art is None:
+        hint = "it has not finished yet" if job.status not in FINAL_STATUSES else f"it {job.status}"
+        raise NotFound(f"job {job.id} has no {kind} file: {hint}")
+    return art

@@ -1,0 +1,57 @@
+"""The Celery application, configured from Graft's settings. Torch-free: the web tier imports it to
+enqueue jobs. The broker only carries job ids; the database is the record."""
+from __future__ import annotations
+
+from celery import Celery
+
+from app.core.settings import Settings, get_settings
+
+RUN_JOB = "graft.run_job"
+QUEUE = "graft"
+
+celery_app = Celery("graft")
+_configured_for: str | None = None
+
+
+def configure(settings: Settings | None = None) -> Celery:
+    """(Re)configure the module's Celery app for these settings; returns it."""
+    global _configured_for
+    settings = settings or get_settings()
+    key = f"{settings.broker}|{settings.data_dir}"
+    if _configured_for == key:
+        return celery_app
+    opts: dict = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+    if settings.broker.startswith("filesystem"):
+        settings.ensure_dirs()
+        q = str(settings.broker_dir / "queue")
+        opts.update(data_folder_in=q, data_folder_out=q, processed_folder=str(settings.broker_dir / "processed"),
+                    store_processed=False)
+    elif settings.broker.startswith(("redis", "rediss")):
+        opts.update(visibility_timeout=7 * 24 * 3600, socket_timeout=5, socket_connect_timeout=3)
+    celery_app.conf.update(
+        broker_url=settings.broker,
+        broker_transport_options=opts,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        # long jobs: take one at a time, acknowledge only when done, requeue if the worker dies
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    _configured_for = key
+    return celery_app
+
+
+def enqueue_job(job_id: int, settings: Settings | None = None) -> str:
+    """Send the job id to the queue; returns the task id. Raises on broker trouble (callers map it)."""
+    app = configure(settings)
+    res = app.send_task(RUN_JOB, args=[job_id], queue=QUEUE, retry=True,
+                        retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1})
+    return res.id

@@ -1,0 +1,197 @@
+"""Dataset folder layouts: which files are images of which class, and the seeded train/val split.
+
+Torch-free and Pillow-free: the web tier uses it to read uploads.
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+JUNK_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", ".ipynb_checkpoints", "desktop.ini"}
+TRAIN_NAMES = ("train", "training")
+VAL_NAMES = ("val", "valid", "validation", "test", "testing")
+
+
+@dataclass
+class DataSplit:
+    """Which images train and which validate, with labels as indexes into `classes`."""
+
+    root: Path
+    layout: str
+    classes: list[str]
+    train: list[tuple[Path, int]]
+    val: list[tuple[Path, int]]
+    warnings: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for split, items in (("train", self.train), ("val", self.val)):
+            c = Counter(lbl for _, lbl in items)
+            out[split] = {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+        return out
+
+    def rel(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def _is_junk(p: Path) -> bool:
+    return p.name in JUNK_NAMES or p.name.startswith(".") or p.name.startswith("._")
+
+
+def _visible(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if not _is_junk(p))
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTS
+
+
+def _images_in(d: Path, ignored: list[Path]) -> list[Path]:
+    """Image files under a class folder (nested folders included), junk skipped."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(d, followlinks=False):
+        dirnames[:] = sorted(n for n in dirnames if not _is_junk(Path(n)))
+        for n in sorted(filenames):
+            p = Path(dirpath) / n
+            if _is_junk(p) or p.is_symlink():
+                continue
+            (out if _is_image(p) else ignored).append(p)
+    return out
+
+
+def _find_root(root: Path) -> tuple[Path, list[str]]:
+    """Descend through single wrapping folders (e.g. a zip that holds `my_data/train/...`)."""
+    notes = []
+    for _ in range(4):
+        entries = _visible(root)
+        dirs = [e for e in entries if e.is_dir()]
+        files = [e for e in entries if e.is_file() and _is_image(e)]
+        if len(dirs) == 1 and not files and any(x.is_dir() for x in _visible(dirs[0])):
+            name = dirs[0].name.lower()
+            if name in TRAIN_NAMES or name in VAL_NAMES:
+                break
+            notes.append(f"used the single top folder {dirs[0].name}/")
+            root = dirs[0]
+        else:
+            break
+    return root, notes
+
+
+def _class_dirs(d: Path) -> list[Path]:
+    return [p for p in _visible(d) if p.is_dir()]
+
+
+def _collect(split_dir: Path, ignored: list[Path]) -> dict[str, list[Path]]:
+    return {c.name: _images_in(c, ignored) for c in _class_dirs(split_dir)}
+
+
+def stratified_split(per_class: dict[str, list[Path]], fraction: float, seed: int
+                     ) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """Seeded split of each class on its own, so that every class with 2+ images is in both parts."""
+    rng = random.Random(seed)
+    train, val = {}, {}
+    for name in sorted(per_class):
+        items = sorted(per_class[name])
+        rng.shuffle(items)
+        n_val = 0 if len(items) < 2 else min(len(items) - 1, max(1, round(len(items) * fraction)))
+        val[name], train[name] = sorted(items[:n_val]), sorted(items[n_val:])
+    return train, val
+
+
+def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> DataSplit:
+    """Read a dataset folder: `train/<class>` + `val/<class>`, `train/<class>` only, or `<class>/` only
+    (the last two get a stratified, seeded val split), optionally inside one wrapping folder."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir} is not a folder: give the folder that holds train/ and val/ "
+                        "(or one sub-folder per class)")
+    root, warnings = _find_root(data_dir)
+    ignored: list[Path] = []
+    names = {p.name.lower(): p for p in _visible(root) if p.is_dir()}
+    train_dir = next((names[n] for n in TRAIN_NAMES if n in names), None)
+    val_dirs = [names[n] for n in VAL_NAMES if n in names]
+
+    if train_dir is None and val_dirs:
+        raise DataError(
+            f"found {', '.join(d.name + '/' for d in val_dirs)} but no train/ folder: "
+            "rename the folder that holds the training images to train/"
+        )
+    if train_dir is not None:
+        train_pc = _collect(train_dir, ignored)
+        if val_dirs:
+            layout = f"{train_dir.name}/ + {val_dirs[0].name}/"
+            val_pc = _collect(val_dirs[0], ignored)
+            for extra in val_dirs[1:]:
+                warnings.append(f"ignored {extra.name}/: {val_dirs[0].name}/ is used for validation")
+        else:
+            layout = f"{train_dir.name}/ only (split {val_fraction:.0%} for val)"
+            train_pc, val_pc = stratified_split(train_pc, val_fraction, seed)
+    else:
+        layout = f"class folders only (split {val_fraction:.0%} for val)"
+        train_pc = _collect(root, ignored)
+        loose = [p for p in _visible(root) if p.is_file() and _is_image(p)]
+        if loose:
+            warnings.append(f"ignored {len(loose)} images outside class folders (e.g. {loose[0].name}): "
+                            "put every image in the folder named after its class")
+        train_pc, val_pc = stratified_split(train_pc, val_fraction, seed)
+
+    classes = sorted(train_pc)
+    if len(classes) < 2:
+        raise DataError(
+            f"found {len(classes)} class folder(s) in {root}{' (' + ', '.join(classes) + ')' if classes else ''}: "
+            "a classifier needs at least 2, one sub-folder per class with its images inside"
+        )
+    empty = [c for c in classes if not train_pc[c]]
+    if empty:
+        raise DataError(f"class folder(s) with no training images: {', '.join(empty)}: "
+                        "add images (jpg, png, bmp, gif, webp, tif) or remove the folder")
+    unknown = sorted(set(val_pc) - set(classes))
+    if unknown:
+        raise DataError(f"the val split has classes that train does not: {', '.join(unknown)}: "
+                        "use the same class folder names in train/ and val/")
+    missing_val = [c for c in classes if not val_pc.get(c)]
+    if missing_val:
+        warnings.append(f"no val images for class(es) {', '.join(missing_val)}: their accuracy cannot be measured")
+    if ignored:
+        shown = ", ".join(p.name for p in ignored[:5])
+        warnings.append(f"ignored {len(ignored)} non-image file(s): {shown}{'...' if len(ignored) > 5 else ''}")
+
+    idx = {c: i for i, c in enumerate(classes)}
+    train = [(p, idx[c]) for c in classes for p in train_pc[c]]
+    val = [(p, idx[c]) for c in classes for p in val_pc.get(c, [])]
+    if not val:
+        raise DataError("no validation images: add a val/ folder or more images per class")
+    return DataSplit(root, layout, classes, train, val, warnings)
+
+
+def subsample(items: list[tuple[Path, int]], n: int, seed: int) -> list[tuple[Path, int]]:
+    """A stratified, seeded subset of at most n items (for quick runs). Every class keeps at least one
+    item: with n below the number of classes, that is one item per class."""
+    if n >= len(items):
+        return items
+    rng = random.Random(seed)
+    by: dict[int, list] = {}
+    for it in items:
+        by.setdefault(it[1], []).append(it)
+    groups = sorted(by.items())
+    share = {lbl: n * len(its) / len(items) for lbl, its in groups}
+    quota = {lbl: max(1, int(share[lbl])) for lbl, _ in groups}
+    spare = n - sum(quota.values())  # largest remainders first, so the total never goes over n
+    for lbl in sorted(quota, key=lambda lbl: quota[lbl] - share[lbl])[:max(0, spare)]:
+        quota[lbl] += 1
+    out = []
+    for lbl, its in groups:
+        out.extend(rng.sample(its, min(quota[lbl], len(its))))
+    return sorted(out)

@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN = $(VENV)/bin
-DATA ?= ../shared/datasets/hymenoptera
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 .PHONY: setup test run bench clean
 
@@ -18,8 +19,7 @@ test: setup
 	$(BIN)/pytest -q
 
 run: setup
-	$(BIN)/graft backbones
-	$(BIN)/graft train $(DATA) --strategy features --epochs 10 --out runs/demo
+	$(BIN)/graft serve --host $(HOST) --port $(PORT)
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -20,6 +20,8 @@ def configure(settings: Settings | None = None) -> Celery:
     key = f"{settings.broker}|{settings.data_dir}"
     if _configured_for == key:
         return celery_app
+    if _configured_for is not None:
+        _drop_connections()
     opts: dict = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
     if settings.broker.startswith("filesystem"):
         settings.ensure_dirs()
@@ -47,6 +49,16 @@ def configure(settings: Settings | None = None) -> Celery:
     )
     _configured_for = key
     return celery_app
+
+
+def _drop_connections() -> None:
+    """Celery caches its connection and producer pools on first use; after a change of broker (or of the
+    filesystem transport's folders) it must look them up again, or messages keep going to the old broker.
+    (kombu keeps one pool per broker URL and options, so going back to a broker reuses its pool.)"""
+    celery_app._pool = None
+    amqp = celery_app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
 
 
 def enqueue_job(job_id: int, settings: Settings | None = None) -> str:

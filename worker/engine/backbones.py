@@ -6,7 +6,6 @@ replaced by Identity (so `body(x)` is the pooled feature vector), `head` is the 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from .catalog import CATALOG
+from .files import sha256_file
 from .errors import UnknownBackbone, WeightsImportError, WeightsUnavailable
 
 log = logging.getLogger(__name__)
@@ -371,14 +371,6 @@ def build_model(name: str, num_classes: int, pretrained: bool = True, dropout: f
 
 
 # ---------------------------------------------------------------- importing weights for air-gapped servers
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def import_weights(file: Path, name: str) -> Path:

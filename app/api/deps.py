@@ -6,6 +6,7 @@ import hmac
 from typing import Annotated, Iterator
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.errors import Unauthorized
@@ -61,7 +62,12 @@ def user_from_request(request: Request, session: Session) -> User | None:
     return None
 
 
-def current_user(request: Request, session: SessionDep) -> User:
+# declares the scheme in OpenAPI (the /docs "Authorize" button); the header itself is read below
+_bearer = HTTPBearer(auto_error=False, description="An API token from `graft token create --name NAME`")
+
+
+def current_user(request: Request, session: SessionDep,
+                 _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> User:
     user = user_from_request(request, session)
     if user is None:
         raise Unauthorized("sign in first: send 'Authorization: Bearer <token>' (create a token with "

@@ -54,7 +54,8 @@ class ImageStore:
             except ImageError as e:
                 return i, None, str(e)
 
-        with ThreadPoolExecutor(threads) as pool:
+        pool = ThreadPoolExecutor(threads)
+        try:
             for n, (i, t, err) in enumerate(pool.map(work, range(len(self.paths))), 1):
                 if err:
                     self.errors[i] = err
@@ -62,7 +63,10 @@ class ImageStore:
                     self.cache[i] = t
                     used += t.numel()
                 if progress:
-                    progress(n, len(self.paths))
+                    progress(n, len(self.paths))  # may raise to cancel the run
+        finally:
+            # on cancel, drop the images not started yet instead of decoding them all first
+            pool.shutdown(wait=True, cancel_futures=True)
         self.bytes = used
 
     def __len__(self) -> int:

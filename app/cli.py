@@ -150,7 +150,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
         user = auth.ensure_user(db, s.default_user)
         login = auth.create_token(db, user, "sign-in link", kind="login", ttl=auth.LOGIN_TTL)
     if not no_worker:
-        requeue_orphans(S, s)
+        try:
+            requeue_orphans(S, s)
+        except Exception as e:  # the queue is down: the worker re-sends queued jobs when it starts
+            typer.secho(f"warning: could not re-queue jobs ({type(e).__name__}: {e})", fg=typer.colors.YELLOW,
+                        err=True)
     child = None
     if not no_worker:
         child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
@@ -171,7 +175,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM)
             try:
-                child.wait(timeout=5)  # a running job is re-queued at the next start and resumes
+                child.wait(timeout=10)  # a running job is re-queued at the next start and resumes
             except subprocess.TimeoutExpired:
                 child.kill()
         typer.echo("Graft stopped.")

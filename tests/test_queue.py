@@ -432,3 +432,29 @@ def test_enqueue_failure_answers_503_quickly_and_keeps_the_job(tmp_path: Path, t
         assert [(j["id"], j["status"]) for j in listed] == [(jid, "queued")]
     finally:
         _close(stack)
+
+
+def test_job_saved_while_the_broker_was_down_runs_when_a_worker_starts(tmp_path: Path, tiny_slice: Path):
+    """The database is the record: a job that never reached the broker (503 at creation) is sent by the next
+    worker that starts, and runs once."""
+    stack = _build_stack("late-broker", tmp_path, None, DEAD_BROKER, with_worker=False)
+    worker = None
+    try:
+        ds = stack.upload(tiny_slice)
+        r = stack.client.post("/api/v1/jobs", json={"dataset_id": ds["id"], **TINY_RUN})
+        assert r.status_code == 503, r.text
+        jid = r.json()["error"]["details"]["job_id"]
+        # the broker is back (here: the embedded transport over the same database and data directory)
+        worker = Worker(Settings(_env_file=None, data_dir=stack.settings.data_dir, database_url=stack.settings.db_url,
+                                 progress_interval_s=0.5), tmp_path)
+        worker.start()
+        stack.worker = worker
+        with stack.log_on_failure():
+            job = stack.wait(jid, "succeeded")
+            assert job["result"]["val_acc"] is not None
+            assert "sent 1 queued job(s)" in worker.log()
+            with stack.sessions() as s:
+                assert s.get(Job, jid).celery_task_id is not None
+                assert stack.counts(jid)["EpochMetric"] == TINY_RUN["epochs"]
+    finally:
+        _close(stack)

@@ -151,3 +151,19 @@ def execute(job_id: int, settings: Settings | None = None) -> str:
     summary["report"] = result.report
     _finish(S, job_id, JobStatus.succeeded.value, None, summary)
     return "succeeded"
+
+
+def send_unsent_jobs(settings: Settings | None = None) -> int:
+    """Enqueue every queued job that never reached the broker (no celery task id)."""
+    from worker.celery_app import enqueue_job
+
+    settings = settings or get_settings()
+    S = session_factory(settings.db_url)
+    with S() as s:
+        ids = s.scalars(select(Job.id).where(Job.status == JobStatus.queued.value, Job.celery_task_id.is_(None),
+                                             Job.cancel_requested.is_(False))).all()
+        for jid in ids:
+            task_id = enqueue_job(jid, settings)
+            s.execute(update(Job).where(Job.id == jid).values(celery_task_id=task_id))
+            s.commit()
+    return len(ids)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
 from app.core.settings import Settings
-from app.db.models import FINAL_STATUSES, Artifact, Job, JobEvent, JobStatus, User
+from app.db.models import FINAL_STATUSES, MAX_ID, Artifact, Job, JobEvent, JobStatus, User
 from app.services import datasets as dataset_service
 from worker.engine.catalog import CATALOG
 from worker.engine.spec import RunSpec
@@ -23,7 +23,7 @@ def utcnow() -> dt.datetime:
 
 
 def get_owned(session: Session, user: User, job_id: int) -> Job:
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id) if 1 <= job_id <= MAX_ID else None
     if job is None or job.owner_id != user.id:
         raise NotFound(f"job {job_id} not found: list yours with GET /api/v1/jobs")
     return job
@@ -40,7 +40,7 @@ def enqueue(session: Session, settings: Settings, job: Job) -> None:
         log.warning("could not enqueue job %s: %s", job.id, e)
         raise ServiceUnavailable(
             f"job {job.id} was saved but the job queue ({settings.broker.split('://')[0]}) cannot be reached "
-            f"({type(e).__name__}); it stays queued and will be sent when the queue is back; check the broker "
+            f"({type(e).__name__}); it stays queued and is sent when a worker next starts; check the broker "
             "(GRAFT_BROKER_URL)", {"job_id": job.id}) from None
     session.execute(update(Job).where(Job.id == job.id).values(celery_task_id=task_id))
     session.commit()

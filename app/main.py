@@ -27,6 +27,11 @@ def _error(status: int, code: str, message: str, details=None) -> JSONResponse:
 def _validation_message(exc: RequestValidationError) -> tuple[str, list]:
     problems = []
     for e in exc.errors():
+        if e.get("type") == "json_invalid":  # loc is ("body", <character position>)
+            pos = e.get("loc", ("body", "?"))[-1]
+            problems.append({"field": "", "problem": f"the body is not valid JSON at character {pos} "
+                             f"({(e.get('ctx') or {}).get('error', e.get('msg', ''))})"})
+            continue
         loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
         problems.append({"field": loc, "problem": e.get("msg", "")})
     text = "; ".join(f"{p['field'] or 'body'}: {p['problem']}" for p in problems)
@@ -55,9 +60,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.ensure_dirs()
     if settings.weights_dir:  # where the catalog looks for pretrained weights (as torch would)
         os.environ["TORCH_HOME"] = str(settings.weights_dir)
-    app = FastAPI(title="Graft", version="0.1.0",
-                  description="Self-hosted transfer learning on images. Authenticate with 'Authorization: "
-                              "Bearer <token>' (create one with `graft token create --name NAME`).")
+    # /docs is served by app.web.routes with the vendored Swagger UI (no CDN: closed networks)
+    app = FastAPI(title="Graft", version="0.1.0", docs_url=None, redoc_url=None,
+                  description="Self-hosted transfer learning on images. Authenticate with `Authorization: "
+                              "Bearer <token>` (create one with `graft token create --name NAME`).")
     app.state.settings = settings
     app.state.sessions = session_factory(settings.db_url)
 
@@ -77,6 +83,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
+            from app.web.routes import html_not_found, wants_html
+
+            if wants_html(request):
+                return html_not_found(request)
             return _error(404, "not_found", f"no such page or endpoint: {request.url.path}; the API is "
                           "described at /docs")
         if exc.status_code == 405:

@@ -59,6 +59,7 @@ def db_url(request, tmp_path) -> Iterator[str]:
     except Exception as e:  # noqa: BLE001 - any connection problem means "no PostgreSQL here"
         admin.dispose()
         _pg_problem.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if _pg_problem:  # outside the except block: a clear message, not a chain of tracebacks
         _pg_unreachable(_pg_problem[0])
     url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     try:

@@ -27,7 +27,7 @@ def configure(settings: Settings | None = None) -> Celery:
         settings.ensure_dirs()
         q = str(settings.broker_dir / "queue")
         opts.update(data_folder_in=q, data_folder_out=q, processed_folder=str(settings.broker_dir / "processed"),
-                    store_processed=False)
+                    control_folder=str(settings.broker_dir / "control"), store_processed=False)
     elif settings.broker.startswith(("redis", "rediss")):
         opts.update(visibility_timeout=7 * 24 * 3600, socket_timeout=5, socket_connect_timeout=3)
     celery_app.conf.update(

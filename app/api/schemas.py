@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from worker.engine.spec import RunSpec
+
+
+def _utc(t: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes (stored as UTC), PostgreSQL aware ones in the session's zone:
+    the API always answers in UTC with an explicit offset, so clients never read them as local time."""
+    return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+
+
+UTCDatetime = Annotated[dt.datetime, AfterValidator(_utc)]
 
 
 class ErrorBody(BaseModel):
@@ -29,7 +38,7 @@ class DatasetOut(BaseModel):
     warnings: list[str]
     num_images: int
     size_bytes: int
-    created_at: dt.datetime
+    created_at: UTCDatetime
 
 
 class JobCreate(RunSpec):
@@ -53,9 +62,9 @@ class JobOut(BaseModel):
     cancel_requested: bool
     spec: dict[str, Any]
     result: dict[str, Any] | None
-    created_at: dt.datetime
-    started_at: dt.datetime | None
-    finished_at: dt.datetime | None
+    created_at: UTCDatetime
+    started_at: UTCDatetime | None
+    finished_at: UTCDatetime | None
 
 
 class EpochMetricOut(BaseModel):

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         return self.data_dir / "uploads"
 
     @property
+    def thumbs_dir(self) -> Path:
+        return self.data_dir / "thumbs"
+
+    @property
     def features_cache_dir(self) -> Path:
         return self.cache_dir or self.data_dir / "cache"
 

@@ -29,6 +29,7 @@ class JobStatus(str, enum.Enum):
 
 
 FINAL_STATUSES = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)
+MAX_ID = 2**31 - 1  # ids are INTEGER columns: a larger number from a client can name no row
 
 
 class User(Base):
@@ -57,6 +58,7 @@ class ApiToken(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    NAME_MAX = 200
     id: Mapped[int] = mapped_column(primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))

@@ -3,6 +3,8 @@ entry before anything is extracted (zip slip, symlinks, bombs), the folder layou
 is a row written. A refused upload leaves no files and no rows behind."""
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import stat
 import uuid
@@ -15,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from app.core.settings import Settings
-from app.db.models import FINAL_STATUSES, Dataset, Job, User
+from app.db.models import FINAL_STATUSES, MAX_ID, Dataset, Job, User
 from worker.engine.errors import DataError
 from worker.engine.layout import discover
 
@@ -32,6 +34,22 @@ def _copy_limited(src: BinaryIO, dst: Path, limit: int, what: str) -> int:
                                       "dataset or raise GRAFT_MAX_UPLOAD_BYTES")
             f.write(chunk)
     return n
+
+
+def _write_entry(target: Path, src: BinaryIO, limit: int, what: str, name: str) -> int:
+    """One file of an upload; a path the file system cannot hold (a file where a folder is, a name too
+    long) is the upload's fault: 400, not a server error."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return _copy_limited(src, target, limit, what)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as e:
+        raise BadRequest(f"refused the entry {name!r}: it clashes with another entry of the upload (a file and a "
+                         f"folder of the same name, {e.strerror}); fix the folder and upload it again") from None
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        raise BadRequest(f"refused the entry {name!r}: its name is too long for the server's file system; "
+                         "rename it and upload again") from None
 
 
 def safe_relpath(name: str) -> PurePosixPath:
@@ -78,17 +96,17 @@ def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, sett
         target = dest / safe_relpath(info.filename)
         if not target.resolve().is_relative_to(dest.resolve()):
             raise BadRequest(f"refused the entry {info.filename!r}: it points outside the dataset")
-        target.parent.mkdir(parents=True, exist_ok=True)
         with zf.open(info) as src:
             # the declared size may lie: count what really comes out
-            written += _copy_limited(src, target, settings.max_extracted_bytes - written, "the extracted zip")
+            written += _write_entry(target, src, settings.max_extracted_bytes - written, "the extracted zip",
+                                    info.filename)
 
 
 def _register(session: Session, settings: Settings, user: User, name: str, folder: Path) -> Dataset:
     try:
         split = discover(folder)
-    except DataError as e:
-        raise Unprocessable(str(e)) from None
+    except DataError as e:  # said in the upload's own terms, without the server's paths
+        raise Unprocessable(str(e).replace(str(folder) + os.sep, "").replace(str(folder), "the upload")) from None
     rel = folder.relative_to(settings.data_dir)
     root_rel = split.root.relative_to(settings.data_dir)
     size = sum(p.stat().st_size for p, _ in split.train + split.val)
@@ -100,6 +118,12 @@ def _register(session: Session, settings: Settings, user: User, name: str, folde
     return ds
 
 
+def _check_name(name: str) -> None:
+    if len(name.strip()) > Dataset.NAME_MAX:
+        raise Unprocessable(f"the dataset name has {len(name.strip())} characters, more than the limit of "
+                            f"{Dataset.NAME_MAX}: choose a shorter name")
+
+
 def _new_folder(settings: Settings) -> Path:
     settings.ensure_dirs()
     d = settings.datasets_dir / uuid.uuid4().hex
@@ -108,6 +132,7 @@ def _new_folder(settings: Settings) -> Path:
 
 
 def create_from_zip(session: Session, settings: Settings, user: User, name: str, upload: BinaryIO) -> Dataset:
+    _check_name(name)
     settings.ensure_dirs()
     tmp_zip = settings.uploads_dir / f"{uuid.uuid4().hex}.zip"
     folder = None
@@ -137,6 +162,7 @@ def create_from_zip(session: Session, settings: Settings, user: User, name: str,
 def create_from_files(session: Session, settings: Settings, user: User, name: str,
                       files: Iterable[tuple[str, BinaryIO]]) -> Dataset:
     """A folder picked in the browser: many files, each with its relative path."""
+    _check_name(name)
     folder = _new_folder(settings)
     try:
         total = 0
@@ -145,8 +171,7 @@ def create_from_files(session: Session, settings: Settings, user: User, name: st
             target = folder / safe_relpath(relname)
             if not target.resolve().is_relative_to(folder.resolve()):
                 raise BadRequest(f"refused the file {relname!r}: it points outside the dataset")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            total += _copy_limited(fobj, target, settings.max_upload_bytes - total, "the upload")
+            total += _write_entry(target, fobj, settings.max_upload_bytes - total, "the upload", relname)
             count += 1
         if count == 0:
             raise BadRequest("no files were uploaded: pick the dataset folder")
@@ -158,7 +183,7 @@ def create_from_files(session: Session, settings: Settings, user: User, name: st
 
 
 def get_owned(session: Session, user: User, dataset_id: int) -> Dataset:
-    ds = session.get(Dataset, dataset_id)
+    ds = session.get(Dataset, dataset_id) if 1 <= dataset_id <= MAX_ID else None
     if ds is None or ds.owner_id != user.id:
         raise NotFound(f"dataset {dataset_id} not found: list yours with GET /api/v1/datasets")
     return ds
@@ -180,3 +205,6 @@ def delete(session: Session, settings: Settings, user: User, dataset_id: int) ->
     session.commit()
     if folder.resolve().is_relative_to(settings.datasets_dir.resolve()):
         shutil.rmtree(folder, ignore_errors=True)
+    thumbs = settings.thumbs_dir / folder.name  # sample thumbnails of the dataset page
+    if thumbs.resolve().is_relative_to(settings.thumbs_dir.resolve()):
+        shutil.rmtree(thumbs, ignore_errors=True)

@@ -1,28 +1,169 @@
 """Pages (server-rendered Jinja2). Pages read through the same services as the API; their scripts call
-the REST API with the session cookie and the X-CSRF-Token header."""
+the REST API with the session cookie and the X-CSRF-Token header. Never imports torch."""
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
 
-from app.api.deps import SESSION_COOKIE, SessionDep, SettingsDep, csrf_token_for, user_from_request
+from app.api.deps import CSRF_HEADER, SESSION_COOKIE, SessionDep, SettingsDep, csrf_token_for
+from app.core.errors import NotFound, Unauthorized
+from app.db.models import FINAL_STATUSES, Artifact, Dataset, EpochMetric, Job, User
 from app.services import auth
+from app.services import datasets as dataset_service
+from app.services import jobs as job_service
+from app.services import thumbs
+from app.services.advice import STRATEGIES, recommend_strategy
+from worker.engine.catalog import CATALOG
+from worker.engine.spec import DEFAULT_LR, RunSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 templates = Jinja2Templates(directory=ROOT / "templates")
 router = APIRouter(include_in_schema=False)
 
+SAMPLES_PER_CLASS = 4
+JOBS_ON_DASHBOARD = 100
+STAGES = {"decode": "Decoding images", "features": "Computing features", "train": "Training",
+          "val": "Validating"}
+
+
+# ---------------------------------------------------------------- template helpers
+
+
+def _aware(t: dt.datetime | None) -> dt.datetime | None:
+    return t.replace(tzinfo=dt.timezone.utc) if t is not None and t.tzinfo is None else t
+
+
+def _when(t: dt.datetime | None) -> str:
+    t = _aware(t)
+    return t.strftime("%Y-%m-%d %H:%M UTC") if t else ""
+
+
+def _iso(t: dt.datetime | None) -> str:
+    t = _aware(t)
+    return t.isoformat() if t else ""
+
+
+def _filesize(n: int | float | None) -> str:
+    n = float(n or 0)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return ""
+    if s < 9.95:
+        return f"{max(0.0, s):.1f} s"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def _sci(x: float | None) -> str:
+    """2.80e-3, as JavaScript's toExponential(2) writes it."""
+    if x is None:
+        return ""
+    mant, _, exp = f"{x:.2e}".partition("e")
+    return f"{mant}e{int(exp)}"
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "" if x is None else f"{100 * x:.{digits}f}%"
+
+
+templates.env.filters.update(when=_when, iso=_iso, filesize=_filesize, duration=_duration, pct=_pct, sci=_sci)
+templates.env.globals.update(STAGES=STAGES, FINAL_STATUSES=FINAL_STATUSES)
+
+
+# ---------------------------------------------------------------- who is looking
+
+
+def page_user(request: Request, session: SessionDep) -> User | None:
+    """The signed-in browser user (session cookie), or None. Pages do not take bearer tokens."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        return None
+    return auth.authenticate(session, cookie, ("session",))
+
+
+PageUser = Annotated[User | None, Depends(page_user)]
+
+
+def render(request: Request, name: str, context: dict[str, Any] | None = None, status_code: int = 200,
+           user: User | None = None) -> HTMLResponse:
+    cookie = request.cookies.get(SESSION_COOKIE)
+    ctx = {"user": user, "csrf_token": csrf_token_for(cookie) if user is not None and cookie else "",
+           "nav": None, **(context or {})}
+    resp = templates.TemplateResponse(request, name, ctx, status_code=status_code)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def sign_in_page(request: Request, status_code: int = 401, error: bool = False) -> HTMLResponse:
+    return render(request, "login.html", {"error": error}, status_code=status_code)
+
+
+def error_page(request: Request, status_code: int, title: str, message: str,
+               user: User | None = None) -> HTMLResponse:
+    return render(request, "error.html", {"title": title, "message": message, "status": status_code},
+                  status_code=status_code, user=user)
+
+
+def _not_found(request: Request, user: User | None, what: str) -> HTMLResponse:
+    return error_page(request, 404, "Not found", f"There is no {what} here, or it belongs to someone else.",
+                      user)
+
+
+def wants_html(request: Request) -> bool:
+    """A browser asking for a page (not the API, not an asset)."""
+    path = request.url.path
+    return (request.method == "GET" and "text/html" in request.headers.get("accept", "")
+            and not path.startswith(("/api/", "/static/")))
+
+
+def html_not_found(request: Request) -> HTMLResponse:
+    """The HTML 404 page for unknown page URLs (the API keeps its JSON errors)."""
+    user = None
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        with request.app.state.sessions() as s:
+            user = auth.authenticate(s, cookie, ("session",))
+            return error_page(request, 404, "Page not found",
+                              f"There is no page at {request.url.path}.", user)
+    return error_page(request, 404, "Page not found", f"There is no page at {request.url.path}.")
+
+
+def _int(value: str) -> int | None:
+    return int(value) if value.isdigit() and len(value) < 12 else None
+
+
+# ---------------------------------------------------------------- sign in / out
+
 
 @router.get("/login")
-def login(request: Request, session: SessionDep, settings: SettingsDep, token: str = ""):
+def login(request: Request, session: SessionDep, settings: SettingsDep, user: PageUser, token: str = ""):
     """The sign-in link printed by `graft serve`: spends the one-time token, sets a session cookie."""
+    if not token:
+        if user is not None:
+            return RedirectResponse("/", status_code=303)
+        return sign_in_page(request, status_code=200)
     session_token = auth.exchange_login(session, token, dt.timedelta(seconds=settings.session_max_age_s))
     if session_token is None:
-        return templates.TemplateResponse(request, "login.html", {"user": None, "error": True}, status_code=401)
+        return sign_in_page(request, status_code=401, error=True)
     resp = RedirectResponse("/", status_code=303)
     resp.set_cookie(SESSION_COOKIE, session_token, max_age=settings.session_max_age_s, httponly=True,
                     samesite="strict", secure=request.url.scheme == "https", path="/")
@@ -30,11 +171,177 @@ def login(request: Request, session: SessionDep, settings: SettingsDep, token: s
 
 
 @router.post("/logout")
-def logout(request: Request, session: SessionDep):
-    user_from_request(request, session)  # checks the CSRF header for cookie sessions
+async def logout(request: Request, session: SessionDep):
+    """Sign out: the CSRF token comes in the X-CSRF-Token header (scripts) or the form field csrf_token."""
     cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie:
+    if cookie and auth.authenticate(session, cookie, ("session",)) is not None:
+        sent = request.headers.get(CSRF_HEADER, "")
+        if not sent and request.headers.get("content-type", "").startswith(
+                ("application/x-www-form-urlencoded", "multipart/form-data")):
+            form = await request.form()
+            value = form.get("csrf_token")
+            sent = value if isinstance(value, str) else ""
+        if not hmac.compare_digest(sent, csrf_token_for(cookie)):
+            return error_page(request, 401, "Sign-out refused",
+                              "The request did not carry this page's security token. Reload the page and use "
+                              "Sign out again.")
         auth.revoke(session, cookie)
     resp = RedirectResponse("/login", status_code=303)
     resp.delete_cookie(SESSION_COOKIE, path="/")
     return resp
+
+
+@router.get("/docs")
+def api_docs(request: Request):
+    """Swagger UI from static/vendor/swagger-ui (FastAPI's default loads it from a CDN)."""
+    return get_swagger_ui_html(openapi_url=request.app.openapi_url, title="Graft API",
+                               swagger_js_url="/static/vendor/swagger-ui/swagger-ui-bundle.js",
+                               swagger_css_url="/static/vendor/swagger-ui/swagger-ui.css",
+                               swagger_favicon_url="/static/favicon.svg",
+                               swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True})
+
+
+@router.get("/favicon.ico")
+def favicon():
+    """Browsers ask for /favicon.ico whatever the page says."""
+    return RedirectResponse("/static/favicon.svg", status_code=301)
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+@router.get("/")
+def dashboard(request: Request, session: SessionDep, user: PageUser):
+    if user is None:
+        return sign_in_page(request)
+    datasets = session.scalars(select(Dataset).where(Dataset.owner_id == user.id).order_by(Dataset.id.desc())).all()
+    jobs = session.scalars(select(Job).where(Job.owner_id == user.id).order_by(Job.id.desc())
+                           .limit(JOBS_ON_DASHBOARD)).all()
+    total_jobs = session.scalar(select(func.count()).select_from(Job).where(Job.owner_id == user.id))
+    names = {d.id: d.name for d in datasets}
+    counts = {s: n for s, n in session.execute(select(Job.status, func.count()).where(Job.owner_id == user.id)
+                                               .group_by(Job.status))}
+    return render(request, "dashboard.html", {"nav": "dashboard", "datasets": datasets, "jobs": jobs,
+                                              "dataset_names": names, "status_counts": counts,
+                                              "total_jobs": total_jobs}, user=user)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+@router.get("/datasets/new")
+def dataset_new(request: Request, settings: SettingsDep, user: PageUser):
+    if user is None:
+        return sign_in_page(request)
+    return render(request, "dataset_new.html", {"nav": "upload", "max_upload_bytes": settings.max_upload_bytes},
+                  user=user)
+
+
+@router.get("/datasets/{dataset_id}")
+def dataset_page(dataset_id: str, request: Request, session: SessionDep, user: PageUser):
+    if user is None:
+        return sign_in_page(request)
+    did = _int(dataset_id)
+    try:
+        if did is None:
+            raise NotFound("bad id")
+        ds = dataset_service.get_owned(session, user, did)
+    except NotFound:
+        return _not_found(request, user, f"dataset {dataset_id}")
+    train = ds.counts.get("train", {})
+    val = ds.counts.get("val", {})
+    rows = [{"index": i, "name": c, "train": int(train.get(c, 0)), "val": int(val.get(c, 0)),
+             "samples": min(SAMPLES_PER_CLASS, int(train.get(c, 0)))} for i, c in enumerate(ds.classes)]
+    largest = max([r["train"] + r["val"] for r in rows] or [1]) or 1
+    jobs = session.scalars(select(Job).where(Job.dataset_id == ds.id, Job.owner_id == user.id)
+                           .order_by(Job.id.desc())).all()
+    return render(request, "dataset.html", {
+        "nav": "dataset", "ds": ds, "rows": rows, "largest": largest, "jobs": jobs,
+        "train_total": sum(r["train"] for r in rows), "val_total": sum(r["val"] for r in rows),
+        "advice": recommend_strategy(ds.counts), "strategies": STRATEGIES}, user=user)
+
+
+@router.get("/datasets/{dataset_id}/samples/{class_index}/{n}.jpg")
+def dataset_sample(dataset_id: str, class_index: str, n: str, request: Request, session: SessionDep,
+                   settings: SettingsDep, user: PageUser):
+    """A JPEG thumbnail (at most 160 px) of the n-th train image of a class, for the dataset page."""
+    if user is None:
+        raise Unauthorized("sign in first: open the sign-in link `graft serve` printed")
+    did, ci, ni = _int(dataset_id), _int(class_index), _int(n)
+    if did is None or ci is None or ni is None:
+        raise NotFound("a sample is /datasets/<id>/samples/<class index>/<n>.jpg with numbers from 0")
+    ds = dataset_service.get_owned(session, user, did)
+    data = thumbs.sample_thumbnail(settings, ds, ci, ni)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def _backbones() -> list[dict]:
+    out = []
+    for e in CATALOG.values():
+        out.append({"name": e.name, "description": e.description, "params_m": e.params / 1e6,
+                    "image_size": e.image_size, "available": e.weights_available()})
+    return out
+
+
+@router.get("/jobs/new")
+def job_new(request: Request, session: SessionDep, user: PageUser, dataset_id: str = ""):
+    if user is None:
+        return sign_in_page(request)
+    datasets = session.scalars(select(Dataset).where(Dataset.owner_id == user.id).order_by(Dataset.id.desc())).all()
+    if not dataset_id:
+        return render(request, "job_new.html", {"nav": "job_new", "ds": None, "datasets": datasets}, user=user)
+    did = _int(dataset_id)
+    try:
+        if did is None:
+            raise NotFound("bad id")
+        ds = dataset_service.get_owned(session, user, did)
+    except NotFound:
+        return _not_found(request, user, f"dataset {dataset_id}")
+    backbones = _backbones()
+    available = [b["name"] for b in backbones if b["available"]]
+    default_backbone = RunSpec.model_fields["backbone"].default
+    if default_backbone not in available:
+        default_backbone = available[0] if available else ""
+    advice = recommend_strategy(ds.counts)
+    defaults = RunSpec()
+    return render(request, "job_new.html", {
+        "nav": "job_new", "ds": ds, "datasets": datasets, "backbones": backbones,
+        "default_backbone": default_backbone, "advice": advice, "strategies": STRATEGIES,
+        "defaults": defaults, "default_lr": DEFAULT_LR,
+        "train_total": sum(int(v) for v in ds.counts.get("train", {}).values())}, user=user)
+
+
+def _metric_dict(m: EpochMetric) -> dict:
+    return {"epoch": m.epoch, "phase": m.phase, "train_loss": m.train_loss, "train_acc": m.train_acc,
+            "val_loss": m.val_loss, "val_acc": m.val_acc, "lr": m.lr, "images_per_s": m.images_per_s,
+            "seconds": m.seconds, "elapsed": m.elapsed, "eta": m.eta, "is_best": m.is_best}
+
+
+@router.get("/jobs/{job_id}")
+def job_page(job_id: str, request: Request, session: SessionDep, user: PageUser):
+    if user is None:
+        return sign_in_page(request)
+    jid = _int(job_id)
+    try:
+        if jid is None:
+            raise NotFound("bad id")
+        job = job_service.get_owned(session, user, jid)
+    except NotFound:
+        return _not_found(request, user, f"job {job_id}")
+    metrics = [_metric_dict(m) for m in session.scalars(
+        select(EpochMetric).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch))]
+    best_epoch = max((m["epoch"] for m in metrics if m["is_best"]), default=None)  # the saved one
+    has_model = session.scalar(select(func.count()).select_from(Artifact).where(
+        Artifact.job_id == job.id, Artifact.kind == "model")) > 0
+    result = job.result or {}
+    report = result.get("report") if isinstance(result.get("report"), dict) else None
+    kind = str(job.spec.get("strategy", "")).split(":", 1)[0]
+    return render(request, "job.html", {
+        "nav": "job", "job": job, "ds": job.dataset, "metrics": metrics, "best_epoch": best_epoch, "has_model": has_model,
+        "result": result, "report": report, "strategy": STRATEGIES.get(kind),
+        "final": job.status in FINAL_STATUSES,
+        "page_data": {"id": job.id, "status": job.status, "final": job.status in FINAL_STATUSES,
+                      "metrics": metrics, "total_epochs": job.total_epochs}}, user=user)

@@ -54,11 +54,11 @@ async def upload_dataset(request: Request, session: SessionDep, settings: Settin
 
 
 def _stem(filename: str | None) -> str:
-    return (filename or "dataset").rsplit("/", 1)[-1].removesuffix(".zip")
+    return (filename or "dataset").rsplit("/", 1)[-1].removesuffix(".zip")[:Dataset.NAME_MAX]
 
 
 def _top(filename: str | None) -> str:
-    return (filename or "dataset").replace("\\", "/").split("/", 1)[0]
+    return (filename or "dataset").replace("\\", "/").split("/", 1)[0][:Dataset.NAME_MAX]
 
 
 @router.get("", response_model=list[DatasetOut])

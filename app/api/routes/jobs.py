@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+from typing import Annotated, AsyncIterator
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
 from app.api.schemas import EpochMetricOut, JobCreate, JobOut
 from app.core.errors import NotFound
-from app.db.models import FINAL_STATUSES, EpochMetric, Job, JobEvent
+from app.db.models import FINAL_STATUSES, MAX_ID, EpochMetric, Job, JobEvent
 from app.services import jobs as service
 from worker.engine.spec import RunSpec
 
@@ -30,7 +30,8 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, user
 
 
 @router.get("", response_model=list[JobOut])
-def list_jobs(session: SessionDep, user: CurrentUser, status: str | None = None, dataset_id: int | None = None):
+def list_jobs(session: SessionDep, user: CurrentUser, status: str | None = None,
+              dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None):
     q = select(Job).where(Job.owner_id == user.id)
     if status:
         q = q.where(Job.status == status)
@@ -92,7 +93,7 @@ async def job_events(job_id: int, request: Request, session: SessionDep, user: C
     `progress` events (no id) carry the job's progress snapshot. The stream ends when the job has ended."""
     job = service.get_owned(session, user, job_id)
     try:
-        after = int(last_event_id) if last_event_id else 0
+        after = min(max(int(last_event_id), 0), MAX_ID) if last_event_id else 0
     except ValueError:
         after = 0
     sessions = request.app.state.sessions

@@ -1,0 +1,101 @@
+"""Sample thumbnails of a dataset's classes for the dataset page: small JPEGs made with Pillow, cached
+under <data_dir>/thumbs/<dataset folder>/. Torch-free. Only files inside the dataset's own folder are
+ever read."""
+from __future__ import annotations
+
+import io
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image
+
+from app.core.errors import NotFound
+from app.core.settings import Settings
+from app.db.models import Dataset
+from worker.engine.errors import DataError, ImageError
+from worker.engine.images import load_image
+from worker.engine.layout import discover
+
+THUMB_MAX = 160
+_CACHE_SIZE = 16
+_lock = threading.Lock()
+_train_lists: OrderedDict[str, dict[int, list[Path]]] = OrderedDict()
+
+
+def dataset_folder(settings: Settings, ds: Dataset) -> Path:
+    """The upload's own folder (datasets/<uuid>), which `discover` read when the dataset was registered."""
+    parts = Path(ds.path).parts
+    if len(parts) < 2 or parts[0] != settings.datasets_dir.name:
+        raise NotFound(f"dataset {ds.id} has no folder on this server")
+    folder = (settings.data_dir / parts[0] / parts[1]).resolve()
+    if not folder.is_relative_to(settings.datasets_dir.resolve()) or not folder.is_dir():
+        raise NotFound(f"the files of dataset {ds.id} are missing on the server")
+    return folder
+
+
+def thumbs_folder(settings: Settings, ds: Dataset) -> Path:
+    return settings.thumbs_dir / Path(ds.path).parts[1]
+
+
+def _train_images(folder: Path) -> dict[int, list[Path]]:
+    """Class index -> train images, as training sees them (same default split and seed as at upload)."""
+    key = str(folder)
+    with _lock:
+        if key in _train_lists:
+            _train_lists.move_to_end(key)
+            return _train_lists[key]
+    try:
+        split = discover(folder)
+    except DataError as e:
+        raise NotFound(f"the dataset's files cannot be read any more: {e}") from None
+    by: dict[int, list[Path]] = {}
+    for p, lbl in split.train:
+        by.setdefault(lbl, []).append(p)
+    with _lock:
+        _train_lists[key] = by
+        while len(_train_lists) > _CACHE_SIZE:
+            _train_lists.popitem(last=False)
+    return by
+
+
+def _placeholder() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (THUMB_MAX, THUMB_MAX * 3 // 4), (225, 228, 232)).save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def sample_thumbnail(settings: Settings, ds: Dataset, class_index: int, n: int) -> bytes:
+    """JPEG bytes of the n-th (0-based) train image of class `class_index`, at most THUMB_MAX pixels on
+    its long side. Raises NotFound for indexes out of range. An unreadable image gives a grey placeholder."""
+    if not 0 <= class_index < len(ds.classes):
+        raise NotFound(f"dataset {ds.id} has no class number {class_index} (it has {len(ds.classes)}, from 0)")
+    train_count = int((ds.counts or {}).get("train", {}).get(ds.classes[class_index], 0))
+    if not 0 <= n < train_count:
+        raise NotFound(f"class {ds.classes[class_index]!r} has no train image number {n} (it has {train_count}, "
+                       "from 0)")
+    folder = dataset_folder(settings, ds)
+    cached = thumbs_folder(settings, ds) / f"c{class_index}_{n}.jpg"
+    if cached.is_file():
+        return cached.read_bytes()
+    images = _train_images(folder).get(class_index, [])
+    if n >= len(images):
+        raise NotFound(f"class {ds.classes[class_index]!r} has no train image number {n} on disk")
+    path = images[n]
+    if path.is_symlink() or not path.resolve().is_relative_to(folder):
+        raise NotFound("that image is outside the dataset folder")
+    try:
+        img = load_image(path, min_short_side=THUMB_MAX)
+    except ImageError:
+        return _placeholder()
+    img.thumbnail((THUMB_MAX, THUMB_MAX), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=82, optimize=True)
+    data = buf.getvalue()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, cached)  # atomic: a concurrent reader sees the whole file or none
+    return data

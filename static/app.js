@@ -1,0 +1,69 @@
+/* Graft: helpers shared by the pages. Plain JS, no build step. */
+"use strict";
+const Graft = (() => {
+  const csrf = () => (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+
+  /* The message of an API error body {"error": {"message": ...}}, or a fallback. */
+  function errorMessage(status, text) {
+    try {
+      const body = JSON.parse(text);
+      if (body && body.error && body.error.message) return body.error.message;
+      if (body && body.detail) return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    } catch (e) { /* not JSON */ }
+    if (status === 0) return "The server could not be reached: check that Graft is running and try again.";
+    if (status === 401) return "You are signed out: reload the page, or open a new sign-in link.";
+    if (status === 413) return "The upload is larger than the server accepts.";
+    return `The server answered ${status}${text ? ": " + text.slice(0, 200) : ""}`;
+  }
+
+  /* fetch() against the API with the session cookie and the CSRF header; resolves to parsed JSON
+     (or null for 204), rejects with an Error whose message is the API's message. */
+  async function api(method, url, body) {
+    const headers = { "X-CSRF-Token": csrf(), "Accept": "application/json" };
+    const opts = { method, headers, credentials: "same-origin" };
+    if (body !== undefined) { headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
+    let resp;
+    try { resp = await fetch(url, opts); } catch (e) { throw new Error(errorMessage(0, "")); }
+    const text = await resp.text();
+    if (!resp.ok) {
+      const err = new Error(errorMessage(resp.status, text));
+      err.status = resp.status;
+      try { err.body = JSON.parse(text); } catch (e) { err.body = null; }
+      throw err;
+    }
+    return text ? JSON.parse(text) : null;
+  }
+
+  function show(el, text) { if (!el) return; el.textContent = text; el.hidden = false; }
+  function hide(el) { if (el) el.hidden = true; }
+
+  function duration(s) {
+    if (s === null || s === undefined || isNaN(s)) return "";
+    if (s < 9.95) return `${Math.max(0, s).toFixed(1)} s`;
+    s = Math.round(s);
+    if (s < 60) return `${s} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, "0")} s`;
+    return `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")} min`;
+  }
+  function pct(x, digits = 1) { return x === null || x === undefined ? "" : `${(100 * x).toFixed(digits)}%`; }
+  function bytes(n) {
+    const units = ["bytes", "KB", "MB", "GB"]; let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return i === 0 ? `${n} bytes` : `${n.toFixed(1)} ${units[i]}`;
+  }
+
+  /* Times are rendered in UTC on the server; show them in the browser's time zone. */
+  function localTimes(root = document) {
+    root.querySelectorAll("time[datetime]").forEach((t) => {
+      const d = new Date(t.getAttribute("datetime"));
+      if (!isNaN(d)) {
+        t.title = t.textContent;
+        t.textContent = d.toLocaleString(undefined, { year: "numeric", month: "short", day: "numeric",
+                                                      hour: "2-digit", minute: "2-digit" });
+      }
+    });
+  }
+  document.addEventListener("DOMContentLoaded", () => localTimes());
+
+  return { csrf, api, errorMessage, show, hide, duration, pct, bytes, localTimes };
+})();

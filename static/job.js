@@ -1,0 +1,177 @@
+/* Job page: live progress, charts and epoch table from the job's server-sent events; cancel; delete. */
+"use strict";
+(() => {
+  const data = JSON.parse(document.getElementById("job-data").textContent);
+  const FINAL = ["succeeded", "failed", "cancelled"];
+  const STAGES = { decode: "Decoding images", features: "Computing features", train: "Training", val: "Validating" };
+  const $ = (id) => document.getElementById(id);
+  const seen = new Set();
+
+  /* ---------------------------------------------------------------- charts */
+  const charts = {};
+  function makeChart(id, yLabel, percent) {
+    const canvas = $(id);
+    if (!canvas || typeof Chart === "undefined") return null;
+    const line = (label, color, dash) => ({ label, data: [], borderColor: color, backgroundColor: color,
+      borderDash: dash, tension: 0.2, pointRadius: 3, pointHoverRadius: 5, borderWidth: 2 });
+    return new Chart(canvas, {
+      type: "line",
+      data: { labels: [], datasets: [line("train", "#2563eb", []), line("val", "#ea580c", [6, 3])] },
+      options: {
+        responsive: true, maintainAspectRatio: false, animation: { duration: 250 },
+        interaction: { mode: "index", intersect: false },
+        scales: {
+          x: { title: { display: true, text: "epoch" }, grid: { display: false } },
+          y: { title: { display: true, text: yLabel }, beginAtZero: percent, max: percent ? 100 : undefined,
+               ticks: percent ? { callback: (v) => `${v}%` } : {} },
+        },
+        plugins: {
+          legend: { position: "bottom", labels: { usePointStyle: true, pointStyle: "circle", boxWidth: 8, boxHeight: 8 } },
+          tooltip: { callbacks: { label: (c) => `${c.dataset.label}: ${percent ? c.parsed.y.toFixed(1) + "%" : c.parsed.y.toFixed(4)}` } },
+        },
+      },
+    });
+  }
+  charts.loss = makeChart("loss-chart", "loss", false);
+  charts.acc = makeChart("acc-chart", "accuracy", true);
+
+  function chartPoint(m) {
+    if (charts.loss) {
+      charts.loss.data.labels.push(m.epoch);
+      charts.loss.data.datasets[0].data.push(m.train_loss);
+      charts.loss.data.datasets[1].data.push(m.val_loss);
+    }
+    if (charts.acc) {
+      charts.acc.data.labels.push(m.epoch);
+      charts.acc.data.datasets[0].data.push(100 * m.train_acc);
+      charts.acc.data.datasets[1].data.push(100 * m.val_acc);
+    }
+  }
+  function redraw() { Object.values(charts).forEach((c) => c && c.update()); }
+
+  /* ---------------------------------------------------------------- epoch table */
+  function tableRow(m) {
+    const tr = document.createElement("tr");
+    tr.dataset.epoch = m.epoch;
+    if (m.is_best) {
+      document.querySelectorAll("#epoch-table tr.best").forEach((r) => {
+        r.classList.remove("best");
+        r.cells[0].textContent = r.dataset.epoch;
+      });
+      tr.className = "best";
+    }
+    const cells = [`${m.epoch}${m.is_best ? " ★" : ""}`, m.phase, m.train_loss.toFixed(4), Graft.pct(m.train_acc),
+      m.val_loss.toFixed(4), Graft.pct(m.val_acc), m.lr.toExponential(2), m.images_per_s.toFixed(1),
+      Graft.duration(m.seconds)];
+    cells.forEach((text, i) => {
+      const td = document.createElement("td");
+      td.textContent = text;
+      if (i !== 1) td.className = "num";
+      tr.appendChild(td);
+    });
+    document.querySelector("#epoch-table tbody").appendChild(tr);
+  }
+
+  function addEpoch(m, live) {
+    if (seen.has(m.epoch)) return;
+    seen.add(m.epoch);
+    chartPoint(m);
+    if (live) {
+      tableRow(m);
+      $("no-epochs").hidden = true;
+      document.querySelectorAll(".chart-empty").forEach((p) => (p.hidden = true));
+      redraw();
+    }
+  }
+  data.metrics.forEach((m) => addEpoch(m, false));
+  redraw();
+
+  /* ---------------------------------------------------------------- status and progress */
+  function setStatus(status) {
+    const badge = document.querySelector("#status-badge .badge");
+    if (badge) { badge.className = `badge badge-${status}`; badge.textContent = status; }
+    const fill = document.querySelector("#job-progress .bar-fill");
+    if (fill) fill.className = `bar-fill bar-${status}`;
+    if (FINAL.includes(status) && $("cancel-btn")) $("cancel-btn").hidden = true;
+    if (status !== "queued" && $("queued-hint")) $("queued-hint").hidden = true;
+  }
+
+  function onProgress(s) {
+    setStatus(s.status);
+    const p = Math.max(0, Math.min(1, s.progress || 0));
+    const fill = document.querySelector("#job-progress .bar-fill");
+    if (fill) fill.style.width = `${(100 * p).toFixed(1)}%`;
+    const bar = document.querySelector("#job-progress .bar");
+    if (bar) bar.setAttribute("aria-valuenow", String(Math.round(100 * p)));
+    $("percent-text").textContent = `${Math.round(100 * p)}%`;
+    let stage = "Stopped";
+    if (s.status === "queued") stage = "Waiting for a worker";
+    else if (s.status === "running") stage = STAGES[s.stage] || s.stage || "Starting";
+    else if (s.status === "succeeded") stage = "Finished";
+    $("stage-text").textContent = stage;
+    $("epoch-text").textContent = s.total_epochs ? `epoch ${s.current_epoch} of ${s.total_epochs}` : "";
+    $("eta-text").textContent = s.status === "running" && s.eta_seconds !== null && s.eta_seconds !== undefined
+      ? `about ${Graft.duration(s.eta_seconds)} left` : "";
+    if (s.best_val_acc !== null && s.best_val_acc !== undefined) $("best-acc").textContent = Graft.pct(s.best_val_acc);
+    if (s.status === "failed" && s.error) {
+      $("job-error-text").textContent = s.error;
+      $("job-error-box").hidden = false;
+    }
+  }
+
+  function addMessage(text) {
+    const li = document.createElement("li");
+    li.textContent = text;
+    $("messages").appendChild(li);
+  }
+
+  /* ---------------------------------------------------------------- live events */
+  if (!data.final && typeof EventSource !== "undefined") {
+    const es = new EventSource(`/api/v1/jobs/${data.id}/events`);
+    const parse = (e) => { try { return JSON.parse(e.data); } catch (err) { return {}; } };
+    es.addEventListener("epoch", (e) => addEpoch(parse(e), true));
+    es.addEventListener("progress", (e) => onProgress(parse(e)));
+    es.addEventListener("status", (e) => { const d = parse(e); if (d.status) setStatus(d.status); });
+    es.addEventListener("message", (e) => { const d = parse(e); if (d.message) addMessage(d.message); });
+    es.addEventListener("end", () => {
+      es.close();
+      // show the final state (report, download link) as the server renders it; the reloaded page is
+      // final and opens no stream, so this happens once
+      setTimeout(() => window.location.reload(), 400);
+    });
+    es.onerror = () => {
+      if (es.readyState === EventSource.CLOSED) {
+        Graft.show($("action-error"), "Live updates stopped (signed out or the server went away): reload the page.");
+      }
+    };
+  }
+
+  /* ---------------------------------------------------------------- actions */
+  const cancel = $("cancel-btn");
+  if (cancel) cancel.addEventListener("click", async () => {
+    if (!confirm("Cancel this job? A running job stops within a few seconds; its progress is lost.")) return;
+    cancel.disabled = true;
+    Graft.hide($("action-error"));
+    try {
+      const job = await Graft.api("POST", `/api/v1/jobs/${data.id}/cancel`);
+      setStatus(job.status);
+      if (!FINAL.includes(job.status)) { $("stage-text").textContent = "Stopping…"; cancel.textContent = "Stopping…"; }
+    } catch (e) {
+      Graft.show($("action-error"), e.message);
+      cancel.disabled = false;
+    }
+  });
+
+  const del = $("delete-job");
+  if (del) del.addEventListener("click", async () => {
+    if (!confirm("Delete this job, its metrics and its model file?")) return;
+    del.disabled = true;
+    try {
+      await Graft.api("DELETE", `/api/v1/jobs/${data.id}`);
+      window.location.href = "/";
+    } catch (e) {
+      Graft.show($("action-error"), e.message);
+      del.disabled = false;
+    }
+  });
+})();

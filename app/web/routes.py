@@ -142,9 +142,7 @@ def html_not_found(request: Request) -> HTMLResponse:
     if cookie:
         with request.app.state.sessions() as s:
             user = auth.authenticate(s, cookie, ("session",))
-            return error_page(request, 404, "Page not found",
-                              f"There is no page at {request.url.path}.", user)
-    return error_page(request, 404, "Page not found", f"There is no page at {request.url.path}.")
+    return error_page(request, 404, "Page not found", f"There is no page at {request.url.path}.", user)
 
 
 def _int(value: str) -> int | None:

@@ -135,6 +135,20 @@ def requeue_orphans(S, settings) -> None:
             enqueue_job(jid, settings)
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _die_with_parent() -> None:
+    """In the worker child: get SIGTERM when `graft serve` dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 @app.command()
 def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           port: int = typer.Option(8000, help="Port to listen on."),
@@ -158,7 +172,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     child = None
     if not no_worker:
         child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
-                                 env={**os.environ, "GRAFT_DATA_DIR": str(s.data_dir)})
+                                 env={**os.environ, "GRAFT_DATA_DIR": str(s.data_dir)},
+                                 preexec_fn=_die_with_parent)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}/login?token={login}"
     typer.echo(f"Graft is starting (data in {s.data_dir}, database {s.db_url.split('@')[-1]}, "
@@ -168,6 +183,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
         import webbrowser
 
         webbrowser.open(url)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so that the worker is
+    # stopped below (docker stop, systemd), as Ctrl-C (KeyboardInterrupt) already is
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run("app.main:app_from_env", factory=True, host=host, port=port, log_level="warning",
                     timeout_graceful_shutdown=3)

@@ -150,6 +150,26 @@ def _die_with_parent() -> None:
 
 
 @app.command()
+def inference(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8001),
+              cache_size: int = typer.Option(4, help="Models kept loaded.")) -> None:
+    """Run the inference service that answers POST /api/v1/jobs/{id}/predict (set GRAFT_INFERENCE_URL on the web)."""
+    import uvicorn
+
+    from worker.inference import create_inference_app
+
+    s = _settings()
+    uvicorn.run(create_inference_app(s.data_dir, cache_size), host=host, port=port, log_level="warning")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@app.command()
 def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           port: int = typer.Option(8000, help="Port to listen on."),
           no_worker: bool = typer.Option(False, "--no-worker", help="Do not start a local worker."),
@@ -169,11 +189,19 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
         except Exception as e:  # the queue is down: the worker re-sends queued jobs when it starts
             typer.secho(f"warning: could not re-queue jobs ({type(e).__name__}: {e})", fg=typer.colors.YELLOW,
                         err=True)
-    child = None
+    children = []
+    env = {**os.environ, "GRAFT_DATA_DIR": str(s.data_dir)}
     if not no_worker:
-        child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
-                                 env={**os.environ, "GRAFT_DATA_DIR": str(s.data_dir)},
-                                 preexec_fn=_die_with_parent)
+        children.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
+                                         env=env, preexec_fn=_die_with_parent))
+    if not s.inference_url:
+        iport = _free_port()
+        children.append(subprocess.Popen([sys.executable, "-m", "app.cli", "inference", "--port", str(iport)],
+                                         env=env, preexec_fn=_die_with_parent))
+        os.environ["GRAFT_INFERENCE_URL"] = f"http://127.0.0.1:{iport}"
+        from app.core.settings import get_settings
+
+        get_settings.cache_clear()  # the app (built by uvicorn's factory below) reads the new variable
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}/login?token={login}"
     typer.echo(f"Graft is starting (data in {s.data_dir}, database {s.db_url.split('@')[-1]}, "
@@ -190,8 +218,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
         uvicorn.run("app.main:app_from_env", factory=True, host=host, port=port, log_level="warning",
                     timeout_graceful_shutdown=3)
     finally:
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
             try:
                 child.wait(timeout=10)  # a running job is re-queued at the next start and resumes
             except subprocess.TimeoutExpired:

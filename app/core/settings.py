@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     max_extracted_bytes: int = Field(8 << 30, ge=1, description="Largest total size of an extracted zip")
     max_zip_entries: int = Field(200_000, ge=1)
     max_zip_ratio: float = Field(200.0, gt=1, description="Largest compression ratio of a zip entry")
+    inference_url: str | None = Field(None, description="The inference service (`graft inference`); `graft serve` "
+                                      "starts one and sets this")
+    max_predict_images: int = Field(64, ge=1, description="Images per prediction request")
     progress_interval_s: float = Field(2.0, gt=0, description="How often a worker writes batch progress")
     default_user: str = "admin"
     session_max_age_s: int = 14 * 24 * 3600

@@ -83,9 +83,22 @@ def sample_thumbnail(settings: Settings, ds: Dataset, class_index: int, n: int) 
     images = _train_images(folder).get(class_index, [])
     if n >= len(images):
         raise NotFound(f"class {ds.classes[class_index]!r} has no train image number {n} on disk")
-    path = images[n]
-    if path.is_symlink() or not path.resolve().is_relative_to(folder):
-        raise NotFound("that image is outside the dataset folder")
+    return _thumbnail(folder, images[n], cached)
+
+
+def file_thumbnail(settings: Settings, ds: Dataset, rel: str) -> bytes:
+    """JPEG thumbnail of one file of the dataset, named relative to the dataset's root (as in evaluations)."""
+    folder = dataset_folder(settings, ds)
+    path = settings.data_dir / ds.path / rel
+    key = uuid.uuid5(uuid.NAMESPACE_URL, rel).hex
+    return _thumbnail(folder, path, thumbs_folder(settings, ds) / f"f{key}.jpg")
+
+
+def _thumbnail(folder: Path, path: Path, cached: Path) -> bytes:
+    if cached.is_file():
+        return cached.read_bytes()
+    if path.is_symlink() or not path.resolve().is_relative_to(folder) or not path.is_file():
+        raise NotFound("that image is not in the dataset folder")
     try:
         img = load_image(path, min_short_side=THUMB_MAX)
     except ImageError:

@@ -39,3 +39,74 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes:
         "classes": list(classes),
         "per_class": per_class,
     }
+
+
+def top_k_accuracy(probs: np.ndarray, y_true: Sequence[int], ks: Sequence[int] = (3, 5)) -> dict[str, float]:
+    """Share of images whose true class is among the k most probable, for each k below the class count."""
+    probs = np.asarray(probs)
+    y = np.asarray(y_true)
+    order = np.argsort(-probs, axis=1)
+    out = {}
+    for k in ks:
+        if k < probs.shape[1]:
+            out[f"top{k}"] = float((order[:, :k] == y[:, None]).any(1).mean()) if len(y) else 0.0
+    return out
+
+
+def mistakes(probs: np.ndarray, y_true: Sequence[int], files: Sequence[str], classes: Sequence[str],
+             limit: int = 60) -> list[dict]:
+    """Misclassified images, most confident mistakes first."""
+    probs = np.asarray(probs)
+    pred = probs.argmax(1)
+    wrong = [i for i in range(len(y_true)) if pred[i] != y_true[i]]
+    wrong.sort(key=lambda i: -float(probs[i, pred[i]]))
+    return [{"file": files[i], "true": classes[y_true[i]], "predicted": classes[int(pred[i])],
+             "confidence": round(float(probs[i, pred[i]]), 4),
+             "true_class_probability": round(float(probs[i, y_true[i]]), 4)} for i in wrong[:limit]]
+
+
+def evaluation(probs: np.ndarray, y_true: Sequence[int], files: Sequence[str], classes: Sequence[str]) -> dict:
+    """The classification report plus top-k accuracy (more than 5 classes) and the mistakes gallery."""
+    probs = np.asarray(probs)
+    rep = classification_report(y_true, probs.argmax(1).tolist() if len(probs) else [], classes)
+    rep["top_k"] = top_k_accuracy(probs, y_true) if len(classes) > 5 else {}
+    rep["mistakes"] = mistakes(probs, y_true, files, classes)
+    rep["images"] = int(len(y_true))
+    return rep
+
+
+def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], path) -> None:
+    """Draw the confusion matrix (rows = true class, columns = predicted) as a PNG a person can read:
+    cells shaded by the share of their row, with counts and class names."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cm = np.asarray(cm, dtype=float)
+    n = len(classes)
+    font = ImageFont.load_default(size=14) if hasattr(ImageFont, "load_default") else None
+    names = [c if len(c) <= 18 else c[:17] + "…" for c in classes]
+    cell = max(36, min(72, 720 // max(n, 1)))
+    label_w = 16 + 8 * max(len(c) for c in names)
+    top = 40 + label_w
+    left = 40 + label_w
+    W, H = left + n * cell + 20, top + n * cell + 20
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), "predicted →", fill="black", font=font)
+    d.text((4, top - 22), "true ↓", fill="black", font=font)
+    rows = cm.sum(1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    for i in range(n):
+        d.text((8, top + i * cell + cell // 2 - 7), names[i], fill="black", font=font)
+        col = Image.new("RGBA", (label_w, 18), (255, 255, 255, 0))
+        ImageDraw.Draw(col).text((0, 0), names[i], fill="black", font=font)
+        img.paste(col.rotate(90, expand=True), (left + i * cell + cell // 2 - 9, 30), col.rotate(90, expand=True))
+        for j in range(n):
+            s = share[i, j]
+            good = i == j
+            color = (int(255 - 180 * s), int(255 - 60 * s), int(255 - 180 * s)) if good else \
+                (int(255 - 30 * s), int(255 - 170 * s), int(255 - 170 * s))
+            x0, y0 = left + j * cell, top + i * cell
+            d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color, outline=(200, 200, 200))
+            txt = str(int(cm[i, j]))
+            d.text((x0 + cell // 2 - 4 * len(txt), y0 + cell // 2 - 8), txt, fill="black", font=font)
+    img.save(path, format="PNG")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -31,16 +32,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(path: str | Path, min_short_side: int | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image safely: refuse decompression bombs, apply EXIF orientation, convert any mode to
-    RGB. With `min_short_side`, JPEGs are decoded at a reduced scale that still covers it (faster).
-    Raises ImageError with the reason for anything unusable."""
-    path = Path(path)
+class _Named:
+    def __init__(self, name: str):
+        self.name = name
+
+
+def load_image(path: str | Path | BinaryIO, min_short_side: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Open an image (a path, or a binary file object named by `name`) safely: refuse decompression
+    bombs, apply EXIF orientation, convert any mode to RGB. With `min_short_side`, JPEGs are decoded at a
+    reduced scale that still covers it (faster). Raises ImageError with the reason for anything unusable."""
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        source = path
+    else:
+        source, path = path, _Named(name or "image")
     try:
-        if path.stat().st_size == 0:
+        if isinstance(source, Path):
+            empty = source.stat().st_size == 0
+        else:
+            empty = not source.read(1)
+            source.seek(0)
+        if empty:
             raise ImageError(f"{path.name}: empty file (0 bytes)")
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"{path.name}: {w}x{h} pixels is over the limit of {max_pixels} "

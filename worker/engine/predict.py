@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import torch
 
@@ -22,8 +22,8 @@ class Predictor:
         self.pre = Preprocessing.from_dict(self.meta["preprocessing"])
         self._crop = eval_transform(self.pre.image_size)
 
-    def _tensor(self, path: Path) -> torch.Tensor:
-        img = load_image(path, self.pre.resize_size)
+    def _tensor(self, source: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
+        img = load_image(source, self.pre.resize_size, name=name)
         return self._crop(to_tensor_u8(resize_short(img, self.pre.resize_size, self.pre.interpolation)))
 
     @torch.inference_mode()
@@ -33,13 +33,19 @@ class Predictor:
 
     def predict(self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32) -> list[dict]:
         """One dict per path, in order: {"file", "top": [{"class", "probability"}...]} or {"file", "error"}."""
-        results: list[dict] = [{} for _ in paths]
+        return self.predict_sources([(str(p), Path(p)) for p in paths], top_k, batch_size)
+
+    def predict_sources(self, sources: Sequence[tuple[str, Path | BinaryIO]], top_k: int = 3,
+                        batch_size: int = 32) -> list[dict]:
+        """Like `predict`, for (name, path or binary file) pairs (uploaded images)."""
+        paths = [name for name, _ in sources]
+        results: list[dict] = [{} for _ in sources]
         good: list[tuple[int, torch.Tensor]] = []
-        for i, p in enumerate(paths):
+        for i, (name, src) in enumerate(sources):
             try:
-                good.append((i, self._tensor(Path(p))))
+                good.append((i, self._tensor(src, None if isinstance(src, Path) else name)))
             except ImageError as e:
-                results[i] = {"file": str(p), "error": str(e)}
+                results[i] = {"file": name, "error": str(e)}
         k = min(top_k, len(self.classes))
         for s in range(0, len(good), batch_size):
             chunk = good[s:s + batch_size]

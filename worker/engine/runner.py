@@ -29,7 +29,7 @@ from .callbacks import BatchProgress, Callbacks, CallbackList, EpochMetric
 from .data import (DataSplit, ImageDataset, ImageStore, discover, eval_transform, normalize, subsample,
                    train_transform)
 from .errors import CheckpointError, DataError, RunStopped, SpecError
-from .evaluate import classification_report
+from .evaluate import confusion_png, evaluation
 from .modelfile import atomic_save, save_model_file
 from .spec import RunSpec
 
@@ -591,8 +591,8 @@ class Runner:
         self._load_state(best["state"])
         use_feats = self.use_feature_cache and "full" not in best["state"]
         logits = self._predict_val(use_feats, global_epoch, progress)
-        preds = logits.argmax(1).tolist()
-        report = classification_report(self.val_labels, preds, self.classes)
+        files = [self.split.rel(self.items[i][0]) for i in self.val_idx]
+        report = evaluation(logits.softmax(1).numpy(), self.val_labels, files, self.classes)
         result.val_acc, result.val_loss, result.best_epoch = report["accuracy"], best["val_loss"], best["epoch"]
         result.report = report
         metrics = {"val_acc": result.val_acc, "val_loss": result.val_loss, "best_epoch": result.best_epoch,
@@ -602,6 +602,10 @@ class Runner:
         save_model_file(model_path, self.model, self.classes, self.pre, self.spec.model_dump(), metrics,
                         self.weights)
         self.cb.on_checkpoint(model_path, "model")
+        try:
+            confusion_png(report["confusion_matrix"], self.classes, self.out / "confusion_matrix.png")
+        except Exception as e:  # a picture must never fail a finished run
+            log.warning("could not draw the confusion matrix: %s", e)
         result.model_path = str(model_path)
         result.seconds = elapsed_before + time.perf_counter() - t0
         (self.out / "metrics.json").write_text(json.dumps(

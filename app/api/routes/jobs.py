@@ -2,16 +2,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, AsyncIterator
+from pathlib import Path
+from typing import Annotated, AsyncIterator, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
 from app.api.schemas import EpochMetricOut, JobCreate, JobOut
-from app.core.errors import NotFound
+from app.core.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from app.db.models import FINAL_STATUSES, MAX_ID, EpochMetric, Job, JobEvent
 from app.services import jobs as service
 from worker.engine.spec import RunSpec
@@ -65,18 +67,110 @@ def cancel_job(job_id: int, session: SessionDep, user: CurrentUser):
     return JobOut.model_validate(service.cancel(session, user, job_id))
 
 
-@router.get("/{job_id}/model", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}, "description": "The model file"}})
-def download_model(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
-    """The trained model file (PyTorch; classes, preprocessing, parameters and metrics inside)."""
-    art = service.artifact(session, user, job_id, "model")
+FORMATS = {"pytorch": ("model", ".pt"), "torchscript": ("torchscript", ".torchscript.pt"),
+           "onnx": ("onnx", ".onnx"), "model_card": ("model_card", ".model_card.json")}
+
+
+def _artifact_file(settings, art) -> Path:
     path = (settings.data_dir / art.path).resolve()
     if not path.is_relative_to(settings.data_dir.resolve()) or not path.is_file():
-        raise NotFound(f"the model file of job {job_id} is missing on the server")
-    job = session.get(Job, job_id)
-    return FileResponse(path, media_type="application/octet-stream",
-                        filename=f"graft-job{job_id}-{job.spec.get('backbone', 'model')}.pt",
+        raise NotFound(f"the {art.kind} file of job {art.job_id} is missing on the server")
+    return path
+
+
+@router.get("/{job_id}/model", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "The model file"}})
+def download_model(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser,
+                   format: Literal["pytorch", "torchscript", "onnx", "model_card"] = "pytorch"):
+    """The trained model: `pytorch` (state dict with classes, preprocessing, parameters and metrics inside),
+    `torchscript`, `onnx` (dynamic batch; checked against PyTorch with onnxruntime), or the `model_card`
+    alone. TorchScript and ONNX files carry the model card (the preprocessing to apply) inside."""
+    kind, ext = FORMATS[format]
+    job = service.get_owned(session, user, job_id)
+    failed = next((e for e in (job.result or {}).get("exports", []) if e["format"] == format and not e["ok"]), None)
+    if failed is not None:
+        raise Conflict(f"the {format} export of job {job_id} failed: {failed['error']}", failed)
+    art = service.artifact(session, user, job_id, kind)
+    return FileResponse(_artifact_file(settings, art), media_type="application/json" if format == "model_card"
+                        else "application/octet-stream",
+                        filename=f"graft-job{job_id}-{job.spec.get('backbone', 'model')}{ext}",
                         headers={"X-Checksum-SHA256": art.sha256})
+
+
+@router.get("/{job_id}/evaluation")
+def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> dict:
+    """How good the model is on the val set: accuracy, confusion matrix (rows = true class), per-class
+    precision/recall/F1/support, top-k accuracy (more than 5 classes), the most confident mistakes
+    (each with an image URL), and the exports with their ONNX parity figures."""
+    job = service.get_owned(session, user, job_id)
+    report = (job.result or {}).get("report")
+    if job.status != "succeeded" or not report:
+        raise NotFound(f"job {job_id} has no evaluation: it is {job.status}; evaluations come with success")
+    mistakes = [{**m, "image_url": f"/api/v1/jobs/{job_id}/mistakes/{i}.jpg"}
+                for i, m in enumerate(report.get("mistakes", []))]
+    return {"job_id": job_id, **{k: v for k, v in report.items() if k != "mistakes"}, "mistakes": mistakes,
+            "confusion_matrix_png": f"/api/v1/jobs/{job_id}/confusion_matrix.png",
+            "exports": (job.result or {}).get("exports", [])}
+
+
+@router.get("/{job_id}/confusion_matrix.png", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}}})
+def confusion_matrix_png(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
+    art = service.artifact(session, user, job_id, "confusion_matrix")
+    return FileResponse(_artifact_file(settings, art), media_type="image/png")
+
+
+@router.get("/{job_id}/mistakes/{n}.jpg", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+def mistake_image(job_id: int, n: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
+    """A thumbnail of the n-th misclassified val image."""
+    job = service.get_owned(session, user, job_id)
+    mistakes = ((job.result or {}).get("report") or {}).get("mistakes", [])
+    if not 0 <= n < len(mistakes):
+        raise NotFound(f"job {job_id} has no misclassified image number {n}")
+    from app.services import thumbs
+
+    return Response(thumbs.file_thumbnail(settings, job.dataset, mistakes[n]["file"]), media_type="image/jpeg")
+
+
+@router.post("/{job_id}/predict", openapi_extra={"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "top_k": {"type": "integer", "default": 3}}}}}}})
+async def predict(job_id: int, request: Request, session: SessionDep, settings: SettingsDep, user: CurrentUser):
+    """Classify one or more images (multipart field `files`, repeated) with the job's model: per image the
+    top-k classes with probabilities, or an error for that image alone."""
+    art = service.artifact(session, user, job_id, "model")
+    _artifact_file(settings, art)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise BadRequest("send multipart/form-data with the images in the field 'files'")
+    form = await request.form(max_files=settings.max_predict_images + 1, max_fields=10)
+    try:
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not files:
+            raise BadRequest("no images: send them in the multipart field 'files'")
+        if len(files) > settings.max_predict_images:
+            raise BadRequest(f"{len(files)} images is more than {settings.max_predict_images} per request: split them")
+        top_k = form.get("top_k") or "3"
+        payload = [("files", (f.filename or f"image{i}", await f.read(), "application/octet-stream"))
+                   for i, f in enumerate(files)]
+    finally:
+        await form.close()
+    if not settings.inference_url:
+        raise ServiceUnavailable("no inference service is configured: run `graft inference` and set "
+                                 "GRAFT_INFERENCE_URL (graft serve does both)")
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(base_url=settings.inference_url, timeout=300) as client:
+            r = await client.post("/predict", data={"model": art.path, "top_k": str(top_k)}, files=payload)
+    except httpx.HTTPError as e:
+        raise ServiceUnavailable(f"the inference service at {settings.inference_url} cannot be reached "
+                                 f"({type(e).__name__}): start it with `graft inference`") from None
+    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    if r.status_code != 200:
+        msg = (body.get("error") or {}).get("message", f"status {r.status_code}")
+        raise ServiceUnavailable(f"the inference service failed: {msg}")
+    return {"job_id": job_id, "results": body["results"]}
 
 
 def _snapshot(job: Job) -> dict:

@@ -1,0 +1,171 @@
+"""Exports of a trained model: a model card, TorchScript, and ONNX checked against PyTorch with onnxruntime.
+
+An ONNX export whose probabilities drift from PyTorch's (top-1 agreement below 99.5% or a probability
+difference above 1e-3 on the check images) is marked failed with its figures; it is never offered as good.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .backbones import Preprocessing
+from .data import decode_for, eval_transform, normalize
+from .errors import ImageError
+from .modelfile import load_model
+
+log = logging.getLogger(__name__)
+
+MIN_TOP1_AGREEMENT = 0.995
+MAX_PROB_DIFF = 1e-3
+
+
+@dataclass
+class ExportResult:
+    format: str  # pytorch | torchscript | onnx | model_card
+    path: str | None
+    ok: bool
+    error: str | None = None
+    parity: dict | None = None  # onnx: {"images", "max_abs_prob_diff", "top1_agreement"}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _atomic_path(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def model_card(meta: dict) -> dict:
+    """What a user needs to run the model elsewhere and get Graft's results."""
+    m = meta.get("metrics", {})
+    return {
+        "format": "graft.model_card/1",
+        "backbone": meta["backbone"],
+        "classes": meta["classes"],
+        "preprocessing": meta["preprocessing"],
+        "input": {"name": "image", "shape": ["batch", 3, meta["preprocessing"]["image_size"],
+                                             meta["preprocessing"]["image_size"]], "dtype": "float32",
+                  "layout": "NCHW, RGB"},
+        "output": {"name": "logits", "shape": ["batch", len(meta["classes"])],
+                   "note": "apply softmax for probabilities; index i is classes[i]"},
+        "run_parameters": meta.get("spec", {}),
+        "metrics": {k: m.get(k) for k in ("val_acc", "val_loss", "best_epoch", "epochs_run")},
+        "per_class": (m.get("report") or {}).get("per_class"),
+        "pretrained_weights": meta.get("pretrained_weights"),
+        "created_at": meta.get("created_at"),
+    }
+
+
+def check_images(paths: Sequence[Path], pre: Preprocessing, limit: int = 256) -> torch.Tensor:
+    """Normalized tensors of (up to `limit`) images for parity checks; unreadable ones are skipped."""
+    crop = eval_transform(pre.image_size)
+    out = []
+    for p in list(paths)[:limit]:
+        try:
+            out.append(crop(decode_for(Path(p), pre)))
+        except ImageError:
+            continue
+    if not out:
+        return torch.rand(8, 3, pre.image_size, pre.image_size).sub_(0.5).mul_(4)
+    return normalize(torch.stack(out), pre, channels_last=False)
+
+
+def export_torchscript(model, pre: Preprocessing, path: Path, card: dict | None = None) -> ExportResult:
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    example = torch.zeros(1, 3, pre.image_size, pre.image_size)
+    tmp = _atomic_path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, example, check_trace=False)
+        # the model card travels inside the file: torch.jit.load(f, _extra_files={"model_card.json": ""})
+        traced.save(str(tmp), _extra_files={"model_card.json": json.dumps(card or {})})
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        return ExportResult("torchscript", None, False, f"TorchScript export failed: {e}")
+    return ExportResult("torchscript", str(path), True)
+
+
+def export_onnx(model, pre: Preprocessing, path: Path, images: torch.Tensor, card: dict | None = None
+                ) -> ExportResult:
+    """Export with a dynamic batch axis, then run onnxruntime on `images` and compare with PyTorch."""
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    example = images[:2] if len(images) >= 2 else torch.zeros(2, 3, pre.image_size, pre.image_size)
+    tmp = _atomic_path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
+        if card is not None:  # the model card travels inside the file, as metadata "graft.model_card"
+            import onnx
+
+            proto = onnx.load(str(tmp))
+            onnx.helper.set_model_props(proto, {"graft.model_card": json.dumps(card)})
+            onnx.save(proto, str(tmp))
+        parity = onnx_parity(tmp, model, images)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        return ExportResult("onnx", None, False, f"ONNX export failed: {type(e).__name__}: {e}")
+    ok = parity["top1_agreement"] >= MIN_TOP1_AGREEMENT and parity["max_abs_prob_diff"] <= MAX_PROB_DIFF
+    if not ok:
+        tmp.unlink(missing_ok=True)
+        return ExportResult("onnx", None, False,
+                            f"the ONNX model drifts from PyTorch: top-1 agreement {parity['top1_agreement']:.4f} "
+                            f"(needs >= {MIN_TOP1_AGREEMENT}), max probability difference "
+                            f"{parity['max_abs_prob_diff']:.2e} (needs <= {MAX_PROB_DIFF:.0e})", parity)
+    os.replace(tmp, path)
+    return ExportResult("onnx", str(path), True, None, parity)
+
+
+@torch.inference_mode()
+def onnx_parity(onnx_path: Path, model, images: torch.Tensor, batch_size: int = 32) -> dict:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    diffs, agree = [], 0
+    for s in range(0, len(images), batch_size):
+        x = images[s:s + batch_size].contiguous()
+        ref = model(x).float().softmax(1).numpy()
+        got = sess.run(None, {name: x.numpy()})[0]
+        got = np.exp(got - got.max(1, keepdims=True))
+        got /= got.sum(1, keepdims=True)
+        diffs.append(float(np.abs(got - ref).max()))
+        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+    return {"images": int(len(images)), "max_abs_prob_diff": max(diffs) if diffs else 0.0,
+            "top1_agreement": agree / max(len(images), 1)}
+
+
+def export_all(model_file: str | Path, out_dir: str | Path, check_paths: Sequence[Path],
+               formats: Sequence[str] = ("torchscript", "onnx")) -> list[ExportResult]:
+    """Write model_card.json and the requested formats next to each other in `out_dir`."""
+    out_dir = Path(out_dir)
+    model, meta = load_model(model_file)
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    card = model_card(meta)
+    card_path = out_dir / "model_card.json"
+    card_path.write_text(json.dumps(card, indent=2))
+    results = [ExportResult("pytorch", str(model_file), True), ExportResult("model_card", str(card_path), True)]
+    if "torchscript" in formats:
+        results.append(export_torchscript(model, pre, out_dir / "model.torchscript.pt", card))
+    if "onnx" in formats:
+        results.append(export_onnx(model, pre, out_dir / "model.onnx", check_images(check_paths, pre), card))
+    for r in results:
+        if not r.ok:
+            log.warning("%s", r.error)
+    return results

@@ -1,0 +1,97 @@
+"""The inference service: a small HTTP app on the torch side that the web tier forwards predictions to
+(the web tier never imports torch). It keeps the most recently used models loaded.
+
+    graft inference --host 127.0.0.1 --port 8001      # GRAFT_INFERENCE_URL=http://127.0.0.1:8001 for the web
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+log = logging.getLogger(__name__)
+
+
+class ModelCache:
+    """Loaded Predictors keyed by (path, mtime), least recently used evicted first."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._items: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path):
+        from worker.engine.predict import Predictor
+
+        key = (str(path), path.stat().st_mtime_ns)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        predictor = Predictor(path)
+        predictor.lock = threading.Lock()
+        with self._lock:
+            self._items[key] = predictor
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return predictor
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": "inference", "message": message}}, status_code=status)
+
+
+def create_inference_app(data_dir: Path, cache_size: int = 4) -> FastAPI:
+    data_dir = Path(data_dir).resolve()
+    cache = ModelCache(cache_size)
+    app = FastAPI(title="Graft inference", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        form = await request.form(max_files=1000)
+        try:
+            model = form.get("model")
+            if not isinstance(model, str):
+                return _error(400, "field 'model' (the model file's path under the data directory) is missing")
+            path = (data_dir / model).resolve()
+            if not path.is_relative_to(data_dir) or not path.is_file():
+                return _error(404, f"model file {model} not found under the data directory")
+            try:
+                top_k = max(1, min(int(form.get("top_k") or 3), 100))
+            except ValueError:
+                return _error(400, "top_k must be an integer")
+            files = [(f.filename or f"image{i}", f.file) for i, f in enumerate(form.getlist("files"))
+                     if isinstance(f, UploadFile)]
+            from starlette.concurrency import run_in_threadpool
+
+            def work():
+                from worker.engine.errors import GraftError
+
+                try:
+                    predictor = cache.get(path)
+                except GraftError as e:
+                    return None, str(e)
+                t = time.perf_counter()
+                with predictor.lock:
+                    res = predictor.predict_sources(files, top_k=top_k)
+                return (res, time.perf_counter() - t), None
+
+            out, err = await run_in_threadpool(work)
+            if err:
+                return _error(422, err)
+            res, secs = out
+            return {"results": res, "seconds": round(secs, 4)}
+        finally:
+            await form.close()
+
+    return app

@@ -91,3 +91,37 @@ def test_classification_report_empty():
     assert r["accuracy"] == 0.0 and r["macro_f1"] == 0.0
     assert r["confusion_matrix"] == [[0, 0], [0, 0]]
     assert r["per_class"]["a"]["support"] == 0
+
+
+def test_top_k_mistakes_and_confusion_picture(tmp_path):
+    from PIL import Image
+
+    from worker.engine.evaluate import confusion_png, evaluation, mistakes, top_k_accuracy
+
+    classes = [f"c{i}" for i in range(6)]
+    probs = np.array([
+        [0.50, 0.20, 0.10, 0.10, 0.05, 0.05],  # true 0, right
+        [0.10, 0.15, 0.20, 0.25, 0.30, 0.00],  # true 0: ranked 5th -> not in top 3, in top 5
+        [0.05, 0.05, 0.60, 0.20, 0.05, 0.05],  # true 3: 2nd -> top 3; a mistake with confidence 0.60
+        [0.90, 0.02, 0.02, 0.02, 0.02, 0.02],  # true 5: a confident mistake (0.90)
+    ])
+    y = [0, 0, 3, 5]
+    tk = top_k_accuracy(probs, y)
+    assert tk == {"top3": 0.5, "top5": 0.75}
+    m = mistakes(probs, y, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], classes)
+    assert [x["file"] for x in m] == ["d.jpg", "c.jpg", "b.jpg"]  # most confident first
+    assert m[0] == {"file": "d.jpg", "true": "c5", "predicted": "c0", "confidence": 0.9,
+                    "true_class_probability": 0.02}
+    ev = evaluation(probs, y, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], classes)
+    assert ev["accuracy"] == 0.25 and ev["top_k"] == tk and ev["images"] == 4
+    assert evaluation(probs[:, :2] / probs[:, :2].sum(1, keepdims=True), [0, 0, 1, 1], list("abcd"),
+                      ["x", "y"])["top_k"] == {}  # 5 classes or fewer: no top-k
+
+    confusion_png(ev["confusion_matrix"], classes, tmp_path / "cm.png")
+    img = Image.open(tmp_path / "cm.png")
+    assert img.format == "PNG" and img.width > 6 * 36 and img.height > 6 * 36
+    # the diagonal cell of a class that is always right is shaded green, an off-diagonal mistake red
+    confusion_png([[5, 0], [5, 0]], ["good", "bad"], tmp_path / "cm2.png")
+    img = Image.open(tmp_path / "cm2.png").convert("RGB")
+    px = np.asarray(img)
+    assert (px[..., 1] > px[..., 0] + 60).any() and (px[..., 0] > px[..., 1] + 60).any()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import socket
+from pathlib import Path
 import time
 
 from sqlalchemy import select, update
@@ -140,17 +141,39 @@ def execute(job_id: int, settings: Settings | None = None) -> str:
     if result.status == "stopped":
         _finish(S, job_id, JobStatus.cancelled.value, "cancelled on request")
         return "cancelled"
+    exports = _export(Reporter(S, job_id), out, result.val_files)
     with S() as s:
-        for kind, name in (("model", "model.pt"), ("metrics", "metrics.json")):
+        for kind, name in (("model", "model.pt"), ("metrics", "metrics.json"), ("model_card", "model_card.json"),
+                           ("torchscript", "model.torchscript.pt"), ("onnx", "model.onnx"),
+                           ("confusion_matrix", "confusion_matrix.png")):
             p = out / name
-            if p.is_file():
+            if p.is_file() and not s.scalar(select(Artifact.id).where(Artifact.job_id == job_id,
+                                                                     Artifact.kind == kind)):
                 s.add(Artifact(job_id=job_id, kind=kind, path=str(p.relative_to(settings.data_dir)),
                                size=p.stat().st_size, sha256=sha256_file(p)))
         s.commit()
     summary = result.summary()
     summary["report"] = result.report
+    summary["exports"] = exports
     _finish(S, job_id, JobStatus.succeeded.value, None, summary)
     return "succeeded"
+
+
+def _export(reporter: Reporter, out, val_files: list[str]) -> list[dict]:
+    """TorchScript and ONNX (checked against PyTorch on the val images) next to model.pt. A failed export is
+    recorded with its reason and figures; it never fails the job."""
+    from worker.engine.export import export_all
+
+    try:
+        results = [r.to_dict() for r in export_all(out / "model.pt", out, [Path(p) for p in val_files])]
+    except Exception as e:  # an exporter bug must not lose a trained model
+        log.exception("exports failed")
+        return [{"format": f, "path": None, "ok": False, "error": f"export crashed: {type(e).__name__}: {e}",
+                 "parity": None} for f in ("torchscript", "onnx")]
+    for r in results:
+        if not r["ok"]:
+            reporter.on_message(f"{r['format']} export failed: {r['error']}")
+    return [{k: v for k, v in r.items() if k != "path"} for r in results]
 
 
 def send_unsent_jobs(settings: Settings | None = None) -> int:

@@ -55,6 +55,7 @@ class RunResult:
     skipped: list[str] = field(default_factory=list)
     device: str = "cpu"
     counts: dict | None = None
+    val_files: list[str] = field(default_factory=list)  # absolute paths of the val images used
 
     def summary(self) -> dict:
         return {
@@ -592,6 +593,7 @@ class Runner:
         use_feats = self.use_feature_cache and "full" not in best["state"]
         logits = self._predict_val(use_feats, global_epoch, progress)
         files = [self.split.rel(self.items[i][0]) for i in self.val_idx]
+        result.val_files = [str(self.items[i][0]) for i in self.val_idx]
         report = evaluation(logits.softmax(1).numpy(), self.val_labels, files, self.classes)
         result.val_acc, result.val_loss, result.best_epoch = report["accuracy"], best["val_loss"], best["epoch"]
         result.report = report

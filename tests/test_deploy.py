@@ -21,7 +21,9 @@ GRAFT = Path(sys.executable).with_name("graft")
 def test_compose_describes_postgres_redis_migration_web_and_gpu_worker():
     c = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     s = c["services"]
-    assert set(s) == {"postgres", "redis", "migrate", "web", "worker"}
+    assert set(s) == {"postgres", "redis", "migrate", "web", "worker", "inference"}
+    assert s["web"]["environment"]["GRAFT_INFERENCE_URL"] == "http://inference:8001"
+    assert s["inference"]["command"][:2] == ["graft", "inference"]
     assert s["migrate"]["command"] == ["graft", "migrate"]
     for name in ("web", "worker"):
         assert s[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

@@ -318,8 +318,37 @@ def _metric_dict(m: EpochMetric) -> dict:
             "seconds": m.seconds, "elapsed": m.elapsed, "eta": m.eta, "is_best": m.is_best}
 
 
+# format, artifact kind, title, file, what it is for
+EXPORT_FORMATS = (
+    ("pytorch", "model", "PyTorch", ".pt", "State dict with the classes, preprocessing and metrics inside: "
+     "for <code>graft predict</code> or your own PyTorch code."),
+    ("torchscript", "torchscript", "TorchScript", ".torchscript.pt", "Runs with <code>torch.jit.load</code>, "
+     "no Graft code needed; the model card is inside."),
+    ("onnx", "onnx", "ONNX", ".onnx", "For onnxruntime and other ONNX runtimes (dynamic batch); checked "
+     "against PyTorch on the val images; the model card is inside."),
+    ("model_card", "model_card", "Model card", ".json", "Classes, preprocessing (image size, mean, std), "
+     "input and output, parameters and metrics: what running the model elsewhere needs."),
+)
+
+
+def _exports_view(result: dict, kinds: set[str]) -> list[dict]:
+    """One row per download format: ok (a file to download), failed (the recorded reason and figures, no
+    download) or missing. Jobs from before the exports existed offer the PyTorch file alone."""
+    recorded = {e["format"]: e for e in result.get("exports") or [] if isinstance(e, dict) and "format" in e}
+    rows = []
+    for fmt, kind, title, ext, text in EXPORT_FORMATS:
+        if fmt != "pytorch" and "exports" not in result:
+            continue
+        e = recorded.get(fmt) or {}
+        state = "failed" if e and not e.get("ok") else "ok" if kind in kinds else "missing"
+        parity = e.get("parity") if isinstance(e.get("parity"), dict) else None
+        rows.append({"format": fmt, "title": title, "ext": ext, "text": text, "state": state,
+                     "error": e.get("error"), "parity": parity})
+    return rows
+
+
 @router.get("/jobs/{job_id}")
-def job_page(job_id: str, request: Request, session: SessionDep, user: PageUser):
+def job_page(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, user: PageUser):
     if user is None:
         return sign_in_page(request)
     jid = _int(job_id)
@@ -332,14 +361,23 @@ def job_page(job_id: str, request: Request, session: SessionDep, user: PageUser)
     metrics = [_metric_dict(m) for m in session.scalars(
         select(EpochMetric).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch))]
     best_epoch = max((m["epoch"] for m in metrics if m["is_best"]), default=None)  # the saved one
-    has_model = session.scalar(select(func.count()).select_from(Artifact).where(
-        Artifact.job_id == job.id, Artifact.kind == "model")) > 0
+    kinds = set(session.scalars(select(Artifact.kind).where(Artifact.job_id == job.id)))
+    has_model = "model" in kinds
+    succeeded = job.status == "succeeded"
     result = job.result or {}
     report = result.get("report") if isinstance(result.get("report"), dict) else None
     kind = str(job.spec.get("strategy", "")).split(":", 1)[0]
+    mistakes, wrong_total = None, None
+    if report is not None and isinstance(report.get("mistakes"), list):
+        mistakes = report["mistakes"]
+        cm = report.get("confusion_matrix") or []
+        wrong_total = sum(sum(row) for row in cm) - sum(row[i] for i, row in enumerate(cm) if i < len(row))
     return render(request, "job.html", {
         "nav": "job", "job": job, "ds": job.dataset, "metrics": metrics, "best_epoch": best_epoch, "has_model": has_model,
         "result": result, "report": report, "strategy": STRATEGIES.get(kind),
-        "final": job.status in FINAL_STATUSES,
+        "final": job.status in FINAL_STATUSES, "mistakes": mistakes, "wrong_total": wrong_total,
+        "has_cm_png": "confusion_matrix" in kinds,
+        "exports": _exports_view(result, kinds) if succeeded and has_model else [],
         "page_data": {"id": job.id, "status": job.status, "final": job.status in FINAL_STATUSES,
-                      "metrics": metrics, "total_epochs": job.total_epochs}}, user=user)
+                      "metrics": metrics, "total_epochs": job.total_epochs,
+                      "max_predict_images": settings.max_predict_images}}, user=user)

@@ -1,0 +1,148 @@
+"""Evaluation, downloads in each format and predictions through the API, with a real worker and a real
+inference service (`graft inference`) in their own processes."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.services import auth
+from test_queue import GRAFT, TINY_RUN, _build_stack, _close
+from worker.engine.predict import Predictor
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_slice):
+    root = tmp_path_factory.mktemp("inference")
+    stack = _build_stack("inference", root, None, None)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
+    env.update(GRAFT_DATA_DIR=str(stack.settings.data_dir))
+    log = open(root / "inference.log", "wb")
+    proc = subprocess.Popen([str(GRAFT), "inference", "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        pytest.fail("graft inference did not start:\n" + (root / "inference.log").read_text())
+    settings = stack.settings.model_copy(update={"inference_url": url})
+    client = TestClient(create_app(settings), headers=dict(stack.client.headers))
+    with stack.log_on_failure():
+        ds = stack.upload(tiny_slice)
+        job = stack.submit(ds["id"], **TINY_RUN)
+        stack.wait(job["id"], "succeeded")
+    yield stack, client, job["id"], tiny_slice
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    client.close()
+    _close(stack)
+
+
+def test_evaluation_and_confusion_picture(served):
+    stack, client, jid, _ = served
+    ev = client.get(f"/api/v1/jobs/{jid}/evaluation").json()
+    assert ev["classes"] == ["ants", "bees"] and ev["images"] == 6
+    cm = np.array(ev["confusion_matrix"])
+    assert cm.sum() == 6 and cm.trace() / 6 == pytest.approx(ev["accuracy"])
+    assert set(ev["per_class"]) == {"ants", "bees"} and ev["top_k"] == {}
+    assert len(ev["mistakes"]) == 6 - cm.trace()
+    confidences = [m["confidence"] for m in ev["mistakes"]]
+    assert confidences == sorted(confidences, reverse=True)
+    for m in ev["mistakes"]:
+        r = client.get(m["image_url"])
+        assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).format == "JPEG"
+    png = client.get(ev["confusion_matrix_png"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    formats = {e["format"]: e for e in ev["exports"]}
+    assert formats["onnx"]["ok"] and formats["onnx"]["parity"]["top1_agreement"] >= 0.995
+    assert formats["torchscript"]["ok"]
+
+
+def test_downloads_in_every_format_agree(served, tmp_path):
+    stack, client, jid, data = served
+    files = {}
+    for fmt, ext in (("pytorch", ".pt"), ("torchscript", ".ts"), ("onnx", ".onnx"), ("model_card", ".json")):
+        r = client.get(f"/api/v1/jobs/{jid}/model", params={"format": fmt})
+        assert r.status_code == 200, (fmt, r.text)
+        files[fmt] = tmp_path / f"model{ext}"
+        files[fmt].write_bytes(r.content)
+    card = json.loads(files["model_card"].read_text())
+    assert card["classes"] == ["ants", "bees"] and card["preprocessing"]["image_size"] == 64
+    pred = Predictor(files["pytorch"])
+    imgs = sorted((data / "val").glob("*/*.jpg"))
+    x = torch.stack([pred._tensor(p) for p in imgs])
+    ref = pred.probabilities(x).numpy()
+    from worker.engine.data import normalize
+
+    xn = normalize(x, pred.pre, channels_last=False)
+    ts = torch.jit.load(str(files["torchscript"]))
+    with torch.inference_mode():
+        assert np.abs(ts(xn).softmax(1).numpy() - ref).max() < 1e-4
+    sess = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"image": xn.numpy()})[0]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert np.abs(probs - ref).max() < 1e-3
+    assert client.get(f"/api/v1/jobs/{jid}/model", params={"format": "exe"}).status_code == 422
+
+
+def test_predict_through_the_api_matches_the_model_and_isolates_bad_images(served, tmp_path):
+    stack, client, jid, data = served
+    imgs = sorted((data / "val").glob("*/*.jpg"))[:3]
+    payload = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in imgs]
+    payload.insert(1, ("files", ("broken.jpg", imgs[0].read_bytes()[:200], "image/jpeg")))
+    payload.append(("files", ("notes.txt", b"hello", "text/plain")))
+    r = client.post(f"/api/v1/jobs/{jid}/predict", files=payload, data={"top_k": "2"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["file"] for x in res] == [imgs[0].name, "broken.jpg", imgs[1].name, imgs[2].name, "notes.txt"]
+    assert "error" in res[1] and "broken.jpg" in res[1]["error"] and "error" in res[4]
+    model = stack.settings.data_dir / "runs" / str(jid) / "model.pt"
+    local = Predictor(model).predict(imgs, top_k=2)
+    for api, mine in zip([res[0], res[2], res[3]], local):
+        assert [t["class"] for t in api["top"]] == [t["class"] for t in mine["top"]]
+        assert api["top"][0]["probability"] == pytest.approx(mine["top"][0]["probability"], abs=1e-5)
+    # a second call is served by the cached model
+    assert client.post(f"/api/v1/jobs/{jid}/predict", files=payload[:1]).status_code == 200
+
+
+def test_predict_errors_are_clear(served):
+    stack, client, jid, data = served
+    img = next((data / "val").glob("*/*.jpg"))
+    assert client.post(f"/api/v1/jobs/{jid}/predict", data={"x": "1"}).status_code == 400
+    with stack.sessions() as s:
+        other = auth.create_user(s, "stranger")
+        token = auth.create_token(s, other, "t")
+    r = client.post(f"/api/v1/jobs/{jid}/predict", headers={"Authorization": f"Bearer {token}"},
+                    files=[("files", (img.name, img.read_bytes(), "image/jpeg"))])
+    assert r.status_code == 404
+    for path in ("evaluation", "confusion_matrix.png", "mistakes/0.jpg", "model?format=onnx"):
+        assert client.get(f"/api/v1/jobs/{jid}/{path}", headers={"Authorization": f"Bearer {token}"}).status_code == 404
+    no_service = TestClient(create_app(stack.settings), headers=dict(stack.client.headers))
+    r = no_service.post(f"/api/v1/jobs/{jid}/predict", files=[("files", (img.name, img.read_bytes(), "image/jpeg"))])
+    assert r.status_code == 503 and "graft inference" in r.json()["error"]["message"]

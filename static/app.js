@@ -17,11 +17,13 @@ const Graft = (() => {
   }
 
   /* fetch() against the API with the session cookie and the CSRF header; resolves to parsed JSON
-     (or null for 204), rejects with an Error whose message is the API's message. */
+     (or null for 204), rejects with an Error whose message is the API's message. A FormData body goes
+     as multipart/form-data, anything else as JSON. */
   async function api(method, url, body) {
     const headers = { "X-CSRF-Token": csrf(), "Accept": "application/json" };
     const opts = { method, headers, credentials: "same-origin" };
-    if (body !== undefined) { headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
+    if (body instanceof FormData) opts.body = body;  // the browser sets the multipart boundary
+    else if (body !== undefined) { headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
     let resp;
     try { resp = await fetch(url, opts); } catch (e) { throw new Error(errorMessage(0, "")); }
     const text = await resp.text();

@@ -162,6 +162,117 @@
     }
   });
 
+  /* ---------------------------------------------------------------- try it: classify dropped images */
+  const tryZone = $("try-drop");
+  if (tryZone) {
+    const input = $("try-files");
+    const results = $("try-results");
+    const tryError = $("try-error");
+    const maxImages = data.max_predict_images || 64;
+    const IMAGE_EXT = /\.(jpe?g|png|webp|bmp|gif|tiff?)$/i;
+    let urls = [];
+    let busy = false;
+
+    const el = (tag, cls, text) => {
+      const e = document.createElement(tag);
+      if (cls) e.className = cls;
+      if (text !== undefined) e.textContent = text;
+      return e;
+    };
+
+    function card(file) {
+      const li = el("li", "try-item");
+      const url = URL.createObjectURL(file);
+      urls.push(url);
+      const img = el("img", "try-preview");
+      img.alt = file.name;
+      img.src = url;
+      img.addEventListener("error", () => img.classList.add("no-preview"));  // e.g. TIFF: the server reads it
+      const body = el("div", "try-body");
+      body.appendChild(el("div", "try-name", file.name));
+      const out = el("div", "try-out muted small", "Classifying…");
+      body.appendChild(out);
+      li.append(img, body);
+      results.appendChild(li);
+      return out;
+    }
+
+    function showResult(out, r) {
+      out.textContent = "";
+      out.className = "try-out";
+      if (!r || r.error || !Array.isArray(r.top)) {
+        out.classList.add("try-fail");
+        out.textContent = r && r.error ? r.error : "No answer for this image.";
+        return;
+      }
+      r.top.forEach((t, i) => {
+        const row = el("div", `prob-row${i === 0 ? " prob-top" : ""}`);
+        row.appendChild(el("span", "prob-class", t["class"]));
+        const bar = el("span", "prob-bar");
+        const fill = el("span", "prob-fill");
+        fill.style.width = `${Math.max(0, Math.min(100, 100 * t.probability)).toFixed(1)}%`;
+        bar.appendChild(fill);
+        row.appendChild(bar);
+        row.appendChild(el("span", "prob-num", Graft.pct(t.probability)));
+        out.appendChild(row);
+      });
+    }
+
+    async function classify(fileList) {
+      if (busy) return;
+      const files = Array.from(fileList || []);
+      if (!files.length) return;
+      Graft.hide(tryError);
+      const images = files.filter((f) => (f.type || "").startsWith("image/") || IMAGE_EXT.test(f.name));
+      const skipped = files.length - images.length;
+      if (!images.length) {
+        Graft.show(tryError, files.length === 1 ? `${files[0].name} is not an image.` : "None of those files is an image.");
+        return;
+      }
+      busy = true;
+      tryZone.classList.add("busy");
+      urls.forEach((u) => URL.revokeObjectURL(u));
+      urls = [];
+      results.textContent = "";
+      const notes = [];
+      if (skipped) notes.push(`${skipped} file${skipped === 1 ? " is" : "s are"} not an image and ${skipped === 1 ? "was" : "were"} left out.`);
+      const outs = images.map(card);
+      try {
+        for (let s = 0; s < images.length; s += maxImages) {  // the server takes maxImages per request
+          const form = new FormData();
+          images.slice(s, s + maxImages).forEach((f) => form.append("files", f, f.name));
+          form.append("top_k", "3");
+          let body;
+          try {
+            body = await Graft.api("POST", `/api/v1/jobs/${data.id}/predict`, form);
+          } catch (e) {
+            notes.push(e.message);
+            outs.slice(s).forEach((o) => { o.className = "try-out try-fail"; o.textContent = "Not classified."; });
+            break;
+          }
+          body.results.forEach((r, i) => showResult(outs[s + i], r));
+        }
+      } finally {
+        if (notes.length) Graft.show(tryError, notes.join(" "));
+        busy = false;
+        tryZone.classList.remove("busy");
+      }
+    }
+
+    input.addEventListener("change", () => { classify(input.files); input.value = ""; });
+    tryZone.addEventListener("keydown", (e) => {
+      if (e.target === tryZone && (e.key === "Enter" || e.key === " ")) { e.preventDefault(); input.click(); }
+    });
+    ["dragenter", "dragover"].forEach((t) => tryZone.addEventListener(t, (e) => {
+      e.preventDefault(); tryZone.classList.add("dragover");
+    }));
+    ["dragleave", "drop"].forEach((t) => tryZone.addEventListener(t, () => tryZone.classList.remove("dragover")));
+    tryZone.addEventListener("drop", (e) => { e.preventDefault(); classify(e.dataTransfer && e.dataTransfer.files); });
+    // an image dropped next to the zone must not replace the page
+    window.addEventListener("dragover", (e) => e.preventDefault());
+    window.addEventListener("drop", (e) => e.preventDefault());
+  }
+
   const del = $("delete-job");
   if (del) del.addEventListener("click", async () => {
     if (!confirm("Delete this job, its metrics and its model file?")) return;

@@ -83,7 +83,7 @@ def env(tmp_path_factory):
     sign_in(app, alice, "alice")
     sign_in(app, bob, "bob")
     csrf = csrf_of(alice.get("/").text)
-    r = alice.post("/api/v1/datasets", files={"file": ("hym.zip", dataset_zip({"train": 4, "val": 2}), "application/zip")},
+    r = alice.post("/api/v1/datasets", files={"file": ("hym.zip", dataset_zip({"train": 4, "val": 4}), "application/zip")},
                    data={"name": "ants & bees <b>"}, headers={"X-CSRF-Token": csrf})
     assert r.status_code == 201, r.text
     ds = r.json()
@@ -95,32 +95,67 @@ def env(tmp_path_factory):
     assert r.status_code == 201, r.text
     done = r.json()
     _finish_job(app, settings, done["id"], ds["classes"])
+    r = alice.post("/api/v1/jobs", json={"dataset_id": ds["id"], "epochs": 3}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 201, r.text
+    old = r.json()
+    _finish_job(app, settings, old["id"], ds["classes"], legacy=True)
     yield {"app": app, "settings": settings, "alice": alice, "bob": bob, "stranger": stranger, "csrf": csrf,
-           "ds": ds, "queued": queued, "done": done}
+           "ds": ds, "queued": queued, "done": done, "old": old}
     for c in (alice, bob, stranger):
         c.close()
 
 
-def _finish_job(app, settings: Settings, job_id: int, classes: list[str]) -> None:
-    """Make a job look trained: epoch rows, a result with a report, a model file."""
-    model = settings.runs_dir / str(job_id) / "model.pt"
-    model.parent.mkdir(parents=True, exist_ok=True)
-    model.write_bytes(b"not really a model")
+def _val_file(cls: str, n: int) -> str:
+    """The n-th val image of a class as the fixture's dataset holds it, relative to the dataset's root."""
+    return f"val/{cls}/{sorted((HYMENOPTERA / 'val' / cls).glob('*.jpg'))[n].name}"
+
+
+# the most confident mistake first, as the worker stores them
+MISTAKES = [{"file": _val_file("bees", 1), "true": "bees", "predicted": "ants", "confidence": 0.9312,
+             "true_class_probability": 0.0688},
+            {"file": _val_file("ants", 2), "true": "ants", "predicted": "bees", "confidence": 0.6121,
+             "true_class_probability": 0.3879}]
+TORCHSCRIPT_ERROR = "TorchScript export failed: could not trace the model <scripted>"
+
+
+def _finish_job(app, settings: Settings, job_id: int, classes: list[str], legacy: bool = False) -> None:
+    """Make a job look trained: epoch rows, a result with a report, a model file. The full job also has
+    what newer workers record: top-k and mistakes in the report, exports (an ONNX file that passed its
+    parity check, a TorchScript export that failed), the model card and a confusion matrix picture.
+    A legacy job has the model file and the older report only."""
+    out = settings.runs_dir / str(job_id)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"model": ("model.pt", b"not really a model")}
+    if not legacy:
+        buf = io.BytesIO()
+        Image.new("RGB", (120, 100), (30, 160, 60)).save(buf, "PNG")
+        files.update(onnx=("model.onnx", b"not really onnx"),
+                     model_card=("model_card.json", b'{"format": "graft.model_card/1", "classes": ["ants", "bees"]}'),
+                     confusion_matrix=("confusion_matrix.png", buf.getvalue()))
     with app.state.sessions() as s:
         for e in range(1, 4):
             s.add(EpochMetric(job_id=job_id, epoch=e, phase="head" if e == 1 else "full", train_loss=1.0 / e,
                               train_acc=0.5 + 0.1 * e, val_loss=1.1 / e, val_acc=0.45 + 0.1 * e, lr=3e-3,
                               images_per_s=120.0, seconds=2.5, elapsed=2.5 * e, eta=2.5 * (3 - e), is_best=e == 3))
-        s.add(Artifact(job_id=job_id, kind="model", path=str(model.relative_to(settings.data_dir)),
-                       size=model.stat().st_size, sha256="0" * 64))
+        for kind, (name, data) in files.items():
+            (out / name).write_bytes(data)
+            s.add(Artifact(job_id=job_id, kind=kind, path=str((out / name).relative_to(settings.data_dir)),
+                           size=len(data), sha256="0" * 64))
         job = s.get(Job, job_id)
         job.status, job.progress, job.current_epoch, job.best_val_acc = "succeeded", 1.0, 3, 0.75
+        report = {"accuracy": 0.75, "macro_f1": 0.733, "classes": classes, "confusion_matrix": [[3, 1], [1, 3]],
+                  "per_class": {classes[0]: {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4},
+                                classes[1]: {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}}}
         job.result = {"status": "completed", "val_acc": 0.75, "best_epoch": 3, "epochs_run": 3, "seconds": 7.5,
-                      "device": "cpu", "report": {
-                          "accuracy": 0.75, "macro_f1": 0.733, "classes": classes,
-                          "confusion_matrix": [[2, 0], [1, 1]],
-                          "per_class": {classes[0]: {"precision": 0.667, "recall": 1.0, "f1": 0.8, "support": 2},
-                                        classes[1]: {"precision": 1.0, "recall": 0.5, "f1": 0.667, "support": 2}}}}
+                      "device": "cpu", "report": report}
+        if not legacy:
+            report.update(top_k={"top3": 0.875, "top5": 0.9375}, images=8, mistakes=MISTAKES)
+            job.result["exports"] = [
+                {"format": "pytorch", "ok": True, "error": None, "parity": None},
+                {"format": "model_card", "ok": True, "error": None, "parity": None},
+                {"format": "torchscript", "ok": False, "error": TORCHSCRIPT_ERROR, "parity": None},
+                {"format": "onnx", "ok": True, "error": None,
+                 "parity": {"images": 8, "max_abs_prob_diff": 2.384e-07, "top1_agreement": 1.0}}]
         s.commit()
 
 
@@ -228,6 +263,132 @@ def test_job_page_finished(env):
     assert d.status_code == 200 and d.content == b"not really a model"
 
 
+def _section(html: str, section_id: str) -> str:
+    start = html.index(f'<section class="card" id="{section_id}">')
+    return html[start:html.index("</section>", start)]
+
+
+def test_job_page_evaluation(env):
+    jid = env["done"]["id"]
+    html = env["alice"].get(f"/jobs/{jid}").text
+    ev = _section(html, "evaluation")
+    assert f'src="/api/v1/jobs/{jid}/confusion_matrix.png"' in ev
+    assert "<details" in ev and 'class="table table-tight confusion"' in ev  # the table, folded below
+    assert "87.5%" in ev and "top-3 accuracy" in ev and "93.8%" in ev and "top-5 accuracy" in ev
+    # the gallery: most confident mistake first, each with its labels and confidence
+    gallery = _section(html, "mistakes")
+    items = re.findall(r'<li class="mistake" data-rank="(\d+)".*?</li>', gallery, re.S)
+    assert items == ["0", "1"]
+    srcs = re.findall(r'<img src="([^"]+)"', gallery)
+    assert srcs == [f"/api/v1/jobs/{jid}/mistakes/0.jpg", f"/api/v1/jobs/{jid}/mistakes/1.jpg"]
+    first, second = gallery.index("93.1%"), gallery.index("61.2%")
+    assert first < second
+    assert re.findall(r'class="m-true">(\w+)<', gallery) == ["bees", "ants"]
+    assert re.findall(r'class="m-pred">(\w+)<', gallery) == ["ants", "bees"]
+    assert "2 mistakes on 8 val images, the most confident first" in " ".join(gallery.split())
+    r = env["alice"].get(srcs[0])
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content[:3] == b"\xff\xd8\xff"
+    assert env["alice"].get(f"/api/v1/jobs/{jid}/mistakes/2.jpg").status_code == 404
+    assert env["bob"].get(srcs[0]).status_code == 404
+    png = env["alice"].get(f"/api/v1/jobs/{jid}/confusion_matrix.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_job_page_exports(env):
+    c, jid = env["alice"], env["done"]["id"]
+    html = c.get(f"/jobs/{jid}").text
+    ex = _section(html, "exports")
+    links = set(re.findall(r'href="(/api/v1/jobs/\d+/model\?format=\w+)"', ex))
+    assert links == {f"/api/v1/jobs/{jid}/model?format={f}" for f in ("pytorch", "onnx", "model_card")}
+    # ONNX: its parity figures; TorchScript failed: its error, a failed mark, no download
+    onnx = re.search(r'<tr data-format="onnx" data-state="ok">.*?</tr>', ex, re.S).group(0)
+    assert "100.00%" in onnx and "2.38e-7" in onnx and "8 val images" in onnx
+    ts = re.search(r'<tr data-format="torchscript" data-state="failed">.*?</tr>', ex, re.S).group(0)
+    assert "could not trace the model &lt;scripted&gt;" in ts and "badge-failed" in ts and "href=" not in ts
+    r = c.get(f"/api/v1/jobs/{jid}/model?format=torchscript")
+    assert r.status_code == 409 and r.headers["content-type"].startswith("application/json")
+    assert TORCHSCRIPT_ERROR in r.json()["error"]["message"]
+    assert c.get(f"/api/v1/jobs/{jid}/model?format=onnx").content == b"not really onnx"
+    card = c.get(f"/api/v1/jobs/{jid}/model?format=model_card")
+    assert card.status_code == 200 and card.json()["format"] == "graft.model_card/1"
+
+
+def test_job_page_failed_onnx_export(env):
+    """An ONNX export that drifts: marked failed with its figures, never offered for download."""
+    app, c, jid = env["app"], env["alice"], env["done"]["id"]
+    drift = {"images": 8, "max_abs_prob_diff": 0.0213, "top1_agreement": 0.875}
+    error = "the ONNX model drifts from PyTorch: top-1 agreement 0.8750 (needs >= 0.995)"
+    with app.state.sessions() as s:
+        job = s.get(Job, jid)
+        before = job.result
+        job.result = {**before, "exports": [e if e["format"] != "onnx" else
+                                            {"format": "onnx", "ok": False, "error": error, "parity": drift}
+                                            for e in before["exports"]]}
+        s.commit()
+    try:
+        ex = _section(c.get(f"/jobs/{jid}").text, "exports")
+        onnx = re.search(r'<tr data-format="onnx" data-state="failed">.*?</tr>', ex, re.S).group(0)
+        assert "drifts from PyTorch" in onnx and "87.50%" in onnx and "2.13e-2" in onnx
+        assert "href=" not in onnx and "badge-failed" in onnx
+        assert "format=onnx" not in ex
+        r = c.get(f"/api/v1/jobs/{jid}/model?format=onnx")
+        assert r.status_code == 409 and "drifts" in r.json()["error"]["message"]
+    finally:
+        with app.state.sessions() as s:
+            s.get(Job, jid).result = before
+            s.commit()
+
+
+def test_job_page_no_mistakes(env):
+    app, jid = env["app"], env["done"]["id"]
+    with app.state.sessions() as s:
+        job = s.get(Job, jid)
+        before = job.result
+        job.result = {**before, "report": {**before["report"], "mistakes": [], "accuracy": 1.0,
+                                           "confusion_matrix": [[4, 0], [0, 4]]}}
+        s.commit()
+    try:
+        gallery = _section(env["alice"].get(f"/jobs/{jid}").text, "mistakes")
+        assert "No mistakes on the 8 val images" in gallery and "<img" not in gallery
+    finally:
+        with app.state.sessions() as s:
+            s.get(Job, jid).result = before
+            s.commit()
+
+
+def test_job_page_legacy_result(env):
+    """A job from before the exports: the PyTorch download alone, the matrix as a table, no gallery."""
+    jid = env["old"]["id"]
+    html = env["alice"].get(f"/jobs/{jid}").text
+    ex = _section(html, "exports")
+    assert re.findall(r'href="(/api/v1/jobs/\d+/model\?format=\w+)"', ex) == [f"/api/v1/jobs/{jid}/model?format=pytorch"]
+    assert 'data-format="onnx"' not in ex and 'data-format="torchscript"' not in ex
+    assert "confusion_matrix.png" not in html and 'class="table table-tight confusion"' in html
+    assert 'id="mistakes"' not in html
+    assert 'id="try-drop"' in html  # the PyTorch model can be tried
+
+
+def test_try_it_panel(env):
+    c, jid = env["alice"], env["done"]["id"]
+    html = c.get(f"/jobs/{jid}").text
+    panel = _section(html, "try-it")
+    assert 'id="try-drop"' in panel and 'type="file"' in panel and "multiple" in panel and 'accept="image/*' in panel
+    assert 'id="try-results"' in panel and 'id="try-error"' in panel
+    assert '"max_predict_images": 64' in html or '"max_predict_images":64' in html
+    js = c.get("/static/job.js").text
+    assert f"/api/v1/jobs/${{data.id}}/predict" in js and 'form.append("files"' in js
+    assert "FormData" in c.get("/static/app.js").text
+    # the panel's request: CSRF-guarded; with no inference service, a 503 whose message the panel shows
+    img = (HYMENOPTERA / "val" / "ants").glob("*.jpg").__next__().read_bytes()
+    files = [("files", ("a.jpg", img, "image/jpeg"))]
+    assert c.post(f"/api/v1/jobs/{jid}/predict", files=files).status_code == 401
+    r = c.post(f"/api/v1/jobs/{jid}/predict", files=files, headers={"X-CSRF-Token": env["csrf"]})
+    assert r.status_code == 503 and "inference service" in r.json()["error"]["message"]
+    # no panel, no exports before success
+    html = c.get(f"/jobs/{env['queued']['id']}").text
+    assert 'id="try-drop"' not in html and 'id="exports"' not in html
+
+
 def test_failed_job_shows_error(env):
     app, job_id = env["app"], env["queued"]["id"]
     with app.state.sessions() as s:
@@ -292,7 +453,8 @@ def test_no_dead_links(env):
     c = env["alice"]
     ds, queued, done = env["ds"], env["queued"], env["done"]
     pages = ["/", "/datasets/new", f"/datasets/{ds['id']}", "/jobs/new", f"/jobs/new?dataset_id={ds['id']}",
-             f"/jobs/{queued['id']}", f"/jobs/{done['id']}", "/login?token=bad", "/no-such-page", "/docs"]
+             f"/jobs/{queued['id']}", f"/jobs/{done['id']}", f"/jobs/{env['old']['id']}", "/login?token=bad",
+             "/no-such-page", "/docs"]
     checked: dict[str, int] = {}
     for page in pages:
         r = c.get(page, headers={"Accept": "text/html"})
@@ -310,6 +472,10 @@ def test_no_dead_links(env):
     assert "/static/app.css" in checked and "/static/vendor/chart.umd.min.js" in checked
     assert "/static/vendor/swagger-ui/swagger-ui-bundle.js" in checked
     assert any(u.endswith(".jpg") for u in checked)
+    jid = done["id"]
+    for url in (f"/api/v1/jobs/{jid}/confusion_matrix.png", f"/api/v1/jobs/{jid}/mistakes/1.jpg",
+                f"/api/v1/jobs/{jid}/model?format=onnx", f"/api/v1/jobs/{jid}/model?format=model_card"):
+        assert checked.get(url) == 200, url
 
 
 def test_static_assets_are_local(env):

@@ -367,15 +367,18 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
     result = job.result or {}
     report = result.get("report") if isinstance(result.get("report"), dict) else None
     kind = str(job.spec.get("strategy", "")).split(":", 1)[0]
-    mistakes, wrong_total = None, None
-    if report is not None and isinstance(report.get("mistakes"), list):
-        mistakes = report["mistakes"]
+    mistakes, wrong_total, val_images = None, None, None
+    if report is not None:
         cm = report.get("confusion_matrix") or []
-        wrong_total = sum(sum(row) for row in cm) - sum(row[i] for i, row in enumerate(cm) if i < len(row))
+        val_images = report.get("images") or sum(sum(row) for row in cm)
+        wrong_total = val_images - sum(row[i] for i, row in enumerate(cm) if i < len(row))
+        if isinstance(report.get("mistakes"), list):
+            mistakes = report["mistakes"]
     return render(request, "job.html", {
         "nav": "job", "job": job, "ds": job.dataset, "metrics": metrics, "best_epoch": best_epoch, "has_model": has_model,
         "result": result, "report": report, "strategy": STRATEGIES.get(kind),
         "final": job.status in FINAL_STATUSES, "mistakes": mistakes, "wrong_total": wrong_total,
+        "val_images": val_images,
         "has_cm_png": "confusion_matrix" in kinds,
         "exports": _exports_view(result, kinds) if succeeded and has_model else [],
         "page_data": {"id": job.id, "status": job.status, "final": job.status in FINAL_STATUSES,

@@ -1,6 +1,8 @@
 """Predictions from a saved model file."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
@@ -21,6 +23,9 @@ class Predictor:
         self.classes: list[str] = self.meta["classes"]
         self.pre = Preprocessing.from_dict(self.meta["preprocessing"])
         self._crop = eval_transform(self.pre.image_size)
+        self.channels_last = self.model.info.channels_last  # faster for convnets, on CPU too
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def _tensor(self, source: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
         img = load_image(source, self.pre.resize_size, name=name)
@@ -28,7 +33,7 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, batch_u8: torch.Tensor) -> torch.Tensor:
-        x = normalize(batch_u8.to(self.device), self.pre, channels_last=False)
+        x = normalize(batch_u8.to(self.device), self.pre, channels_last=self.channels_last)
         return self.model(x).float().softmax(1).cpu()
 
     def predict(self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32) -> list[dict]:
@@ -41,11 +46,21 @@ class Predictor:
         paths = [name for name, _ in sources]
         results: list[dict] = [{} for _ in sources]
         good: list[tuple[int, torch.Tensor]] = []
-        for i, (name, src) in enumerate(sources):
+
+        def decode(item):
+            name, src = item
             try:
-                good.append((i, self._tensor(src, None if isinstance(src, Path) else name)))
+                return self._tensor(src, None if isinstance(src, Path) else name), None
             except ImageError as e:
-                results[i] = {"file": name, "error": str(e)}
+                return None, str(e)
+
+        # Pillow releases the GIL while decoding: decode on all cores
+        with ThreadPoolExecutor(max(1, min(8, len(os.sched_getaffinity(0))))) as pool:
+            for i, ((name, _), (t, err)) in enumerate(zip(sources, pool.map(decode, sources))):
+                if err is None:
+                    good.append((i, t))
+                else:
+                    results[i] = {"file": name, "error": err}
         k = min(top_k, len(self.classes))
         for s in range(0, len(good), batch_size):
             chunk = good[s:s + batch_size]

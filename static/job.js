@@ -180,14 +180,16 @@
       return e;
     };
 
-    function card(file) {
+    function card(file, preview) {
       const li = el("li", "try-item");
-      const url = URL.createObjectURL(file);
-      urls.push(url);
       const img = el("img", "try-preview");
       img.alt = file.name;
-      img.src = url;
-      img.addEventListener("error", () => img.classList.add("no-preview"));  // e.g. TIFF: the server reads it
+      if (preview) {
+        const url = URL.createObjectURL(file);
+        urls.push(url);
+        img.src = url;
+        img.addEventListener("error", () => img.classList.add("no-preview"));  // e.g. TIFF: the server reads it
+      } else img.classList.add("no-preview");
       const body = el("div", "try-body");
       body.appendChild(el("div", "try-name", file.name));
       const out = el("div", "try-out muted small", "Classifying…");
@@ -223,20 +225,18 @@
       const files = Array.from(fileList || []);
       if (!files.length) return;
       Graft.hide(tryError);
-      const images = files.filter((f) => (f.type || "").startsWith("image/") || IMAGE_EXT.test(f.name));
-      const skipped = files.length - images.length;
-      if (!images.length) {
-        Graft.show(tryError, files.length === 1 ? `${files[0].name} is not an image.` : "None of those files is an image.");
-        return;
-      }
+      const isImage = (f) => (f.type || "").startsWith("image/") || IMAGE_EXT.test(f.name);
+      const images = files.filter(isImage);
       busy = true;
       tryZone.classList.add("busy");
       urls.forEach((u) => URL.revokeObjectURL(u));
       urls = [];
       results.textContent = "";
       const notes = [];
-      if (skipped) notes.push(`${skipped} file${skipped === 1 ? " is" : "s are"} not an image and ${skipped === 1 ? "was" : "were"} left out.`);
-      const outs = images.map(card);
+      const outs = images.map((f) => card(f, true));
+      files.filter((f) => !isImage(f)).forEach((f) => {  // said per file, not sent
+        showResult(card(f, false), { error: "Not an image (JPEG, PNG, WebP, BMP, GIF or TIFF): left out." });
+      });
       try {
         for (let s = 0; s < images.length; s += maxImages) {  // the server takes maxImages per request
           const form = new FormData();

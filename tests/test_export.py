@@ -66,3 +66,18 @@ def test_a_drifting_onnx_export_is_marked_failed_with_its_figures(trained, tmp_p
     assert not r.ok and r.path is None and not (tmp_path / "model.onnx").exists()
     assert "0.9800" in r.error and "2.00e-02" in r.error and r.parity["top1_agreement"] == 0.98
     assert not list(tmp_path.glob("*.tmp"))  # nothing half-written left behind
+
+
+def test_graft_export_command(trained, tmp_path, tiny_slice):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    res, out = trained
+    exe = Path(sys.executable).with_name("graft")
+    p = subprocess.run([str(exe), "export", str(out / "model.pt"), "--data", str(tiny_slice), "--out", str(tmp_path),
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = {r["format"]: r for r in json.loads(p.stdout.strip().splitlines()[-1])}
+    assert rows["onnx"]["ok"] and rows["onnx"]["parity"]["images"] == 6
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.torchscript.pt").is_file()

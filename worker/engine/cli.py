@@ -152,10 +152,42 @@ def predict(
             typer.echo(f"{r['file']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
 
 
+def export(
+    model: Path = typer.Argument(..., help="A model.pt written by `graft train`."),
+    data: Optional[Path] = typer.Option(None, help="The dataset folder: its val images check the ONNX export "
+                                                   "(default: random inputs)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: next to the model)."),
+    formats: str = typer.Option("torchscript,onnx", help="Comma-separated: torchscript, onnx."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Export a trained model to TorchScript and ONNX (checked against PyTorch with onnxruntime), with its model card."""
+    from .errors import GraftError
+    from .export import export_all
+    from .layout import discover
+
+    try:
+        check = [p for p, _ in discover(data).val] if data else []
+        results = export_all(model, out or model.parent, check, [f.strip() for f in formats.split(",") if f.strip()])
+    except GraftError as e:
+        _fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps([r.to_dict() for r in results]) + "\n")
+    else:
+        for r in results:
+            extra = ""
+            if r.parity:
+                extra = (f" (top-1 agreement {r.parity['top1_agreement']:.4f}, max prob diff "
+                         f"{r.parity['max_abs_prob_diff']:.1e} on {r.parity['images']} images)")
+            typer.echo(f"{r.format}: {r.path}{extra}" if r.ok else f"{r.format}: FAILED: {r.error}")
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     logging.basicConfig(level=os.environ.get("GRAFT_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     app.command()(train)
     app.command()(backbones)
     app.command()(predict)
+    app.command()(export)
     app.add_typer(weights_app, name="weights")

@@ -91,8 +91,8 @@ def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], path) -> 
     W, H = left + n * cell + 20, top + n * cell + 20
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    d.text((left, 8), "predicted →", fill="black", font=font)
-    d.text((4, top - 22), "true ↓", fill="black", font=font)
+    d.text((left, 8), "predicted class (columns)", fill="black", font=font)
+    d.text((4, top - 22), "true class (rows)", fill="black", font=font)
     rows = cm.sum(1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     for i in range(n):

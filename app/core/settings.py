@@ -2,6 +2,7 @@
 SQLite and a serverless Celery transport under the data directory, so nothing has to be installed."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,12 +22,29 @@ class Settings(BaseSettings):
     max_extracted_bytes: int = Field(8 << 30, ge=1, description="Largest total size of an extracted zip")
     max_zip_entries: int = Field(200_000, ge=1)
     max_zip_ratio: float = Field(200.0, gt=1, description="Largest compression ratio of a zip entry")
+    max_image_pixels: int = Field(89_478_485, ge=1, description="Largest image (width x height) of an upload; "
+                                  "a larger one refuses the upload as a decompression bomb (Pillow's default)")
+    upload_check_threads: int = Field(min(8, os.cpu_count() or 1), ge=1,
+                                      description="Threads that decode an upload's images to check them")
     inference_url: str | None = Field(None, description="The inference service (`graft inference`); `graft serve` "
                                       "starts one and sets this")
     max_predict_images: int = Field(64, ge=1, description="Images per prediction request")
     progress_interval_s: float = Field(2.0, gt=0, description="How often a worker writes batch progress")
+    heartbeat_timeout_s: float = Field(60.0, gt=0, description="A running job whose worker has not written a "
+                                       "heartbeat for this long is taken as lost: re-queued or failed")
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="How often a worker writes a running job's "
+                                        "heartbeat (at most a quarter of heartbeat_timeout_s)")
+    max_attempts: int = Field(3, ge=1, description="Times a job may be started: after this many lost workers "
+                              "it is marked failed instead of re-queued")
+    reconcile_interval_s: float = Field(30.0, gt=0, description="How often each worker looks for lost jobs and "
+                                        "for queued jobs the broker does not have")
     default_user: str = "admin"
     session_max_age_s: int = 14 * 24 * 3600
+
+    @property
+    def heartbeat_every_s(self) -> float:
+        """The heartbeat period actually used: never so long that one late write looks like a dead worker."""
+        return min(self.heartbeat_interval_s, self.heartbeat_timeout_s / 4)
 
     @field_validator("data_dir", mode="after")
     @classmethod

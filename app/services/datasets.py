@@ -1,113 +1,216 @@
 """Uploads -> dataset rows. The upload is streamed to disk under a size limit, a zip is checked entry by
-entry before anything is extracted (zip slip, symlinks, bombs), the folder layout is read, and only then
-is a row written. A refused upload leaves no files and no rows behind."""
+entry before anything is extracted (zip slip, symlinks, bombs), then the dataset doctor (app.services.doctor)
+checks the folder and every image; only then is a row written. A refusal lists every problem found, each
+with its fix, in one error, and leaves no files and no rows behind."""
 from __future__ import annotations
 
 import errno
-import os
+import lzma
 import shutil
 import stat
 import uuid
 import zipfile
+import zlib
+from collections import defaultdict
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.core.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
+from app.core.errors import AppError, BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from app.core.settings import Settings
 from app.db.models import FINAL_STATUSES, MAX_ID, Dataset, Job, User
-from worker.engine.errors import DataError
-from worker.engine.layout import discover
+from app.services.doctor import Problem, examine, examples, plural, refuse
 
 CHUNK = 1 << 20
 
 
-def _copy_limited(src: BinaryIO, dst: Path, limit: int, what: str) -> int:
+class _TooLarge(Exception):
+    pass
+
+
+class _ZipSource:
+    """An entry being read: its decompression errors are the archive's fault (a corrupt zip), unlike the
+    OSErrors of writing it out."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self.f.read(n)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+            raise zipfile.BadZipFile(str(e) or e.__class__.__name__) from None
+
+
+def _copy_limited(src: BinaryIO, dst: Path, limit: int) -> int:
     n = 0
     with open(dst, "wb") as f:
         while chunk := src.read(CHUNK):
             n += len(chunk)
             if n > limit:
-                raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes: upload a smaller "
-                                      "dataset or raise GRAFT_MAX_UPLOAD_BYTES")
+                raise _TooLarge
             f.write(chunk)
     return n
 
 
-def _write_entry(target: Path, src: BinaryIO, limit: int, what: str, name: str) -> int:
-    """One file of an upload; a path the file system cannot hold (a file where a folder is, a name too
-    long) is the upload's fault: 400, not a server error."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return _copy_limited(src, target, limit, what)
-    except (FileExistsError, IsADirectoryError, NotADirectoryError) as e:
-        raise BadRequest(f"refused the entry {name!r}: it clashes with another entry of the upload (a file and a "
-                         f"folder of the same name, {e.strerror}); fix the folder and upload it again") from None
-    except OSError as e:
-        if e.errno != errno.ENAMETOOLONG:
-            raise
-        raise BadRequest(f"refused the entry {name!r}: its name is too long for the server's file system; "
-                         "rename it and upload again") from None
+def _upload_too_large(limit: int) -> AppError:
+    return PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes: upload a smaller dataset or "
+                           "raise GRAFT_MAX_UPLOAD_BYTES",
+                           details=[Problem(f"the upload is larger than the limit of {limit} bytes",
+                                            "upload a smaller dataset or raise GRAFT_MAX_UPLOAD_BYTES").as_dict()])
+
+
+def _extracted_too_large(limit: int) -> AppError:
+    p = Problem(f"the zip expands to more than {limit} bytes (a zip bomb?)",
+                "upload a smaller dataset or raise GRAFT_MAX_EXTRACTED_BYTES")
+    return BadRequest(p.text, details=[p.as_dict()])
+
+
+def _write_entry(target: Path, src: BinaryIO, limit: int) -> int:
+    """One file of an upload. Raises _TooLarge past `limit`; OSError for a path the file system cannot hold."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return _copy_limited(src, target, limit)
+
+
+class _EntryProblems:
+    """The problems of an upload's entries (paths, links, clashes), collected item by item."""
+
+    def __init__(self):
+        self.by_kind: dict[str, list[str]] = defaultdict(list)
+
+    def path(self, name: str) -> PurePosixPath | None:
+        """A relative path with no absolute root, drive, '..' or empty parts; None (and noted) otherwise."""
+        clean = name.replace("\\", "/")
+        p = PurePosixPath(clean)
+        if not clean or p.is_absolute() or clean.startswith("/") or (p.parts and ":" in p.parts[0]):
+            self.by_kind["absolute"].append(name)
+            return None
+        if any(part in ("..", "") for part in clean.rstrip("/").split("/")):
+            self.by_kind["dotdot"].append(name)
+            return None
+        return p
+
+    def os_error(self, name: str, e: OSError) -> None:
+        if isinstance(e, (FileExistsError, IsADirectoryError, NotADirectoryError)):
+            self.by_kind["clash"].append(name)
+        elif e.errno == errno.ENAMETOOLONG:
+            self.by_kind["long"].append(name)
+        else:
+            raise e
+
+    def problems(self) -> list[Problem]:
+        k = self.by_kind
+        out = []
+        if k["absolute"]:
+            out.append(Problem(f"refused {plural(len(k['absolute']), 'entry', 'entries')} with an absolute path "
+                               f"({examples(map(repr, k['absolute']))}): absolute paths are not allowed in an upload",
+                               "zip the dataset folder itself, so that the paths inside are relative",
+                               k["absolute"]))
+        if k["dotdot"]:
+            out.append(Problem(f"refused {plural(len(k['dotdot']), 'entry', 'entries')} with '..' in the path "
+                               f"({examples(map(repr, k['dotdot']))}): '..' could write outside the dataset "
+                               "(zip slip)", "re-create the archive from the dataset folder", k["dotdot"]))
+        if k["link"]:
+            out.append(Problem(f"refused {plural(len(k['link']), 'symbolic link')} "
+                               f"({examples(map(repr, k['link']))}): symbolic links are not allowed in an upload",
+                               "replace each link by the file it points to (zip without --symlinks)", k["link"]))
+        if k["encrypted"]:
+            out.append(Problem(f"refused {plural(len(k['encrypted']), 'encrypted entry', 'encrypted entries')} "
+                               f"({examples(map(repr, k['encrypted']))}): the server cannot read them",
+                               "zip the dataset again without a password", k["encrypted"]))
+        if k["clash"]:
+            out.append(Problem(f"refused {plural(len(k['clash']), 'entry', 'entries')} "
+                               f"({examples(map(repr, k['clash']))}): each clashes with another entry of the "
+                               "upload, a file and a folder of the same name",
+                               "rename one of each pair and upload again", k["clash"]))
+        if k["long"]:
+            out.append(Problem(f"refused {plural(len(k['long']), 'entry', 'entries')} whose name is too long for the "
+                               f"server's file system ({examples(map(repr, k['long']))})",
+                               "rename them shorter and upload again", k["long"]))
+        if k["ratio"]:
+            out.append(Problem(f"refused {plural(len(k['ratio']), 'entry', 'entries')} compressed far beyond what "
+                               f"images allow (a zip bomb?): {examples(k['ratio'])}",
+                               "upload a normally compressed zip, or raise GRAFT_MAX_ZIP_RATIO",
+                               [n.rsplit(' (', 1)[0] for n in k["ratio"]]))
+        return out
 
 
 def safe_relpath(name: str) -> PurePosixPath:
     """A relative path with no absolute root, drive, '..' or empty parts; raises BadRequest otherwise."""
-    name = name.replace("\\", "/")
-    p = PurePosixPath(name)
-    if not name or p.is_absolute() or name.startswith("/") or (p.parts and ":" in p.parts[0]):
-        raise BadRequest(f"refused the entry {name!r}: absolute paths are not allowed in an upload")
-    if any(part in ("..", "") for part in name.rstrip("/").split("/")):
-        raise BadRequest(f"refused the entry {name!r}: '..' in a path could write outside the dataset "
-                         "(zip slip); re-create the archive from the dataset folder")
+    found = _EntryProblems()
+    p = found.path(name)
+    if p is None:
+        refuse(found.problems(), BadRequest)
     return p
 
 
 def check_zip(zf: zipfile.ZipFile, settings: Settings) -> list[zipfile.ZipInfo]:
-    """Every entry checked before extracting anything: paths, symlinks, sizes, ratios, count."""
+    """Every entry checked before extracting anything: paths, symlinks, sizes, ratios, count. Every problem
+    found is reported in one BadRequest."""
     infos = zf.infolist()
-    if len(infos) > settings.max_zip_entries:
-        raise BadRequest(f"the zip has {len(infos)} entries, more than the limit of {settings.max_zip_entries}")
+    found = _EntryProblems()
     total = 0
-    files = []
+    keep = []
     for info in infos:
-        safe_relpath(info.filename)
-        mode = info.external_attr >> 16
-        if stat.S_ISLNK(mode):
-            raise BadRequest(f"refused the entry {info.filename!r}: symbolic links are not allowed in an upload")
-        if info.is_dir():
+        if found.path(info.filename) is None:
             continue
-        total += info.file_size
-        if total > settings.max_extracted_bytes:
-            raise BadRequest(f"the zip expands to more than {settings.max_extracted_bytes} bytes (a zip bomb?): "
-                             "upload a smaller dataset or raise GRAFT_MAX_EXTRACTED_BYTES")
-        if info.compress_size and info.file_size > (1 << 20) and info.file_size / info.compress_size > settings.max_zip_ratio:
-            raise BadRequest(f"refused the entry {info.filename!r}: compression ratio "
-                             f"{info.file_size / info.compress_size:.0f}:1 is above {settings.max_zip_ratio:.0f}:1 "
-                             "(a zip bomb?)")
-        files.append(info)
-    return files
+        if stat.S_ISLNK(info.external_attr >> 16):
+            found.by_kind["link"].append(info.filename)
+            continue
+        if info.flag_bits & 0x1:
+            found.by_kind["encrypted"].append(info.filename)
+            continue
+        if not info.is_dir():
+            total += info.file_size
+            if (info.compress_size and info.file_size > (1 << 20)
+                    and info.file_size / info.compress_size > settings.max_zip_ratio):
+                found.by_kind["ratio"].append(f"{info.filename} ({info.file_size / info.compress_size:.0f}:1, the "
+                                              f"limit is {settings.max_zip_ratio:.0f}:1)")
+                continue
+        keep.append(info)
+    problems = []
+    if len(infos) > settings.max_zip_entries:
+        problems.append(Problem(f"the zip has {len(infos)} entries, more than the limit of {settings.max_zip_entries} "
+                                "(a zip bomb?)", "upload fewer files or raise GRAFT_MAX_ZIP_ENTRIES"))
+    if total > settings.max_extracted_bytes:
+        problems.append(Problem(f"the zip expands to {total} bytes, more than the limit of "
+                                f"{settings.max_extracted_bytes} (a zip bomb?)",
+                                "upload a smaller dataset or raise GRAFT_MAX_EXTRACTED_BYTES"))
+    problems += found.problems()
+    if problems:
+        refuse(problems, BadRequest)
+    return keep
 
 
 def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, settings: Settings) -> None:
+    """Entries already checked by check_zip. Folders are created too, so that an empty class folder shows."""
+    found = _EntryProblems()
     written = 0
+    root = dest.resolve()
     for info in infos:
-        target = dest / safe_relpath(info.filename)
-        if not target.resolve().is_relative_to(dest.resolve()):
-            raise BadRequest(f"refused the entry {info.filename!r}: it points outside the dataset")
-        with zf.open(info) as src:
-            # the declared size may lie: count what really comes out
-            written += _write_entry(target, src, settings.max_extracted_bytes - written, "the extracted zip",
-                                    info.filename)
+        target = dest / PurePosixPath(info.filename.replace("\\", "/"))
+        if not target.resolve().is_relative_to(root):
+            found.by_kind["dotdot"].append(info.filename)
+            continue
+        try:
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            with zf.open(info) as src:
+                # the declared size may lie: count what really comes out
+                written += _write_entry(target, _ZipSource(src), settings.max_extracted_bytes - written)
+        except _TooLarge:
+            raise _extracted_too_large(settings.max_extracted_bytes) from None
+        except OSError as e:
+            found.os_error(info.filename, e)
+    if found.problems():
+        refuse(found.problems(), BadRequest)
 
 
 def _register(session: Session, settings: Settings, user: User, name: str, folder: Path) -> Dataset:
-    try:
-        split = discover(folder)
-    except DataError as e:  # said in the upload's own terms, without the server's paths
-        raise Unprocessable(str(e).replace(str(folder) + os.sep, "").replace(str(folder), "the upload")) from None
-    rel = folder.relative_to(settings.data_dir)
+    split = examine(folder, settings)
     root_rel = split.root.relative_to(settings.data_dir)
     size = sum(p.stat().st_size for p, _ in split.train + split.val)
     ds = Dataset(owner_id=user.id, name=name.strip() or folder.name, path=str(root_rel), layout=split.layout,
@@ -137,18 +240,22 @@ def create_from_zip(session: Session, settings: Settings, user: User, name: str,
     tmp_zip = settings.uploads_dir / f"{uuid.uuid4().hex}.zip"
     folder = None
     try:
-        _copy_limited(upload, tmp_zip, settings.max_upload_bytes, "the upload")
+        try:
+            _copy_limited(upload, tmp_zip, settings.max_upload_bytes)
+        except _TooLarge:
+            raise _upload_too_large(settings.max_upload_bytes) from None
         if not zipfile.is_zipfile(tmp_zip):
-            raise BadRequest("the file is not a zip archive: zip the dataset folder (train/ and val/, or one "
-                             "folder per class) and upload the .zip")
+            refuse([Problem("the file is not a zip archive",
+                            "zip the dataset folder (train/ and val/, or one folder per class) and upload the .zip")],
+                   BadRequest)
         try:
             with zipfile.ZipFile(tmp_zip) as zf:
                 infos = check_zip(zf, settings)
                 folder = _new_folder(settings)
                 _extract(zf, infos, folder, settings)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as e:
-            raise BadRequest(f"the zip archive is corrupt or uses an unsupported feature ({e}): "
-                             "create it again with a standard zip tool") from None
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, zlib.error) as e:
+            refuse([Problem(f"the zip archive is corrupt or uses an unsupported feature ({e})",
+                            "create it again with a standard zip tool")], BadRequest)
         return _register(session, settings, user, name, folder)
     except BaseException:
         if folder is not None:
@@ -165,16 +272,29 @@ def create_from_files(session: Session, settings: Settings, user: User, name: st
     _check_name(name)
     folder = _new_folder(settings)
     try:
+        found = _EntryProblems()
+        root = folder.resolve()
         total = 0
         count = 0
         for relname, fobj in files:
-            target = folder / safe_relpath(relname)
-            if not target.resolve().is_relative_to(folder.resolve()):
-                raise BadRequest(f"refused the file {relname!r}: it points outside the dataset")
-            total += _write_entry(target, fobj, settings.max_upload_bytes - total, "the upload", relname)
             count += 1
+            rel = found.path(relname)
+            if rel is None:
+                continue
+            target = folder / rel
+            if not target.resolve().is_relative_to(root):
+                found.by_kind["dotdot"].append(relname)
+                continue
+            try:
+                total += _write_entry(target, fobj, settings.max_upload_bytes - total)
+            except _TooLarge:
+                raise _upload_too_large(settings.max_upload_bytes) from None
+            except OSError as e:
+                found.os_error(relname, e)
         if count == 0:
-            raise BadRequest("no files were uploaded: pick the dataset folder")
+            refuse([Problem("no files were uploaded", "pick the dataset folder")], BadRequest)
+        if found.problems():
+            refuse(found.problems(), BadRequest)
         return _register(session, settings, user, name, folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

@@ -110,18 +110,50 @@ def stratified_split(per_class: dict[str, list[Path]], fraction: float, seed: in
     return train, val
 
 
-def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> DataSplit:
-    """Read a dataset folder: `train/<class>` + `val/<class>`, `train/<class>` only, or `<class>/` only
-    (the last two get a stratified, seeded val split), optionally inside one wrapping folder."""
+@dataclass
+class Folders:
+    """What a dataset folder holds, read but not judged nor split: the upload checks (app.services.doctor)
+    and `discover` both start from it."""
+
+    root: Path  # after descending through single wrapping folders
+    notes: list[str]  # e.g. "used the single top folder x/"
+    train_dir: Path | None
+    val_dirs: list[Path]  # the first one validates, the others are ignored
+    train: dict[str, list[Path]]  # class -> images: of train/, or of the class folders at the root
+    val: dict[str, list[Path]] | None  # of the first val folder; None without one
+    loose: list[Path]  # images outside class folders, at the root of a class-folders-only layout
+    ignored: list[Path]  # non-image files inside class folders
+
+
+def read_folders(data_dir: str | Path) -> Folders:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir} is not a folder: give the folder that holds train/ and val/ "
                         "(or one sub-folder per class)")
-    root, warnings = _find_root(data_dir)
+    root, notes = _find_root(data_dir)
     ignored: list[Path] = []
     names = {p.name.lower(): p for p in _visible(root) if p.is_dir()}
     train_dir = next((names[n] for n in TRAIN_NAMES if n in names), None)
     val_dirs = [names[n] for n in VAL_NAMES if n in names]
+    train_pc: dict[str, list[Path]] = {}
+    val_pc = None
+    loose: list[Path] = []
+    if train_dir is not None:
+        train_pc = _collect(train_dir, ignored)
+        if val_dirs:
+            val_pc = _collect(val_dirs[0], ignored)
+    elif not val_dirs:
+        train_pc = _collect(root, ignored)
+        loose = [p for p in _visible(root) if p.is_file() and _is_image(p)]
+    return Folders(root, notes, train_dir, val_dirs, train_pc, val_pc, loose, ignored)
+
+
+def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> DataSplit:
+    """Read a dataset folder: `train/<class>` + `val/<class>`, `train/<class>` only, or `<class>/` only
+    (the last two get a stratified, seeded val split), optionally inside one wrapping folder."""
+    f = read_folders(data_dir)
+    root, warnings, ignored = f.root, list(f.notes), f.ignored
+    train_dir, val_dirs = f.train_dir, f.val_dirs
 
     if train_dir is None and val_dirs:
         raise DataError(
@@ -129,10 +161,10 @@ def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
             "rename the folder that holds the training images to train/"
         )
     if train_dir is not None:
-        train_pc = _collect(train_dir, ignored)
-        if val_dirs:
+        train_pc = f.train
+        if f.val is not None:
             layout = f"{train_dir.name}/ + {val_dirs[0].name}/"
-            val_pc = _collect(val_dirs[0], ignored)
+            val_pc = f.val
             for extra in val_dirs[1:]:
                 warnings.append(f"ignored {extra.name}/: {val_dirs[0].name}/ is used for validation")
         else:
@@ -140,10 +172,9 @@ def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
             train_pc, val_pc = stratified_split(train_pc, val_fraction, seed)
     else:
         layout = f"class folders only (split {val_fraction:.0%} for val)"
-        train_pc = _collect(root, ignored)
-        loose = [p for p in _visible(root) if p.is_file() and _is_image(p)]
-        if loose:
-            warnings.append(f"ignored {len(loose)} images outside class folders (e.g. {loose[0].name}): "
+        train_pc = f.train
+        if f.loose:
+            warnings.append(f"ignored {len(f.loose)} images outside class folders (e.g. {f.loose[0].name}): "
                             "put every image in the folder named after its class")
         train_pc, val_pc = stratified_split(train_pc, val_fraction, seed)
 

@@ -2,15 +2,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
-from app.api.schemas import DatasetOut
+from app.api.schemas import DatasetOut, errors
 from app.core.errors import BadRequest
 from app.db.models import Dataset
 from app.services import datasets as service
 
-router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=errors(401, 422))
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -29,7 +30,8 @@ UPLOAD_BODY = {
 }
 
 
-@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD_BODY)
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD_BODY,
+             responses=errors(400, 409, 413))
 async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     """Upload a dataset as a zip (`file`) or as a folder (`files`, many, named by relative path)."""
     ctype = request.headers.get("content-type", "")
@@ -42,10 +44,13 @@ async def upload_dataset(request: Request, session: SessionDep, settings: Settin
         zip_file = form.get("file")
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         if isinstance(zip_file, UploadFile):
-            ds = service.create_from_zip(session, settings, user, name or _stem(zip_file.filename), zip_file.file)
+            # extraction and the image checks take seconds: keep them off the event loop
+            ds = await run_in_threadpool(service.create_from_zip, session, settings, user,
+                                         name or _stem(zip_file.filename), zip_file.file)
         elif files:
-            ds = service.create_from_files(session, settings, user, name or _top(files[0].filename),
-                                           ((f.filename or "", f.file) for f in files))
+            ds = await run_in_threadpool(service.create_from_files, session, settings, user,
+                                         name or _top(files[0].filename),
+                                         ((f.filename or "", f.file) for f in files))
         else:
             raise BadRequest("no file: send the zip in the form field 'file', or a folder's files in 'files'")
     finally:
@@ -67,12 +72,12 @@ def list_datasets(session: SessionDep, user: CurrentUser):
             session.scalars(select(Dataset).where(Dataset.owner_id == user.id).order_by(Dataset.id.desc()))]
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=errors(404))
 def get_dataset(dataset_id: int, session: SessionDep, user: CurrentUser):
     return DatasetOut.model_validate(service.get_owned(session, user, dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.delete("/{dataset_id}", status_code=204, responses=errors(404, 409))
 def delete_dataset(dataset_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     service.delete(session, settings, user, dataset_id)
     return Response(status_code=204)

@@ -116,23 +116,51 @@ def worker(concurrency: int = typer.Option(1, help="Jobs run at the same time by
 
 
 def requeue_orphans(S, settings) -> None:
-    """Embedded mode has one local worker, so a job still 'running' at start-up lost its worker (Ctrl-C,
-    crash): put it back in the queue; it resumes from its last checkpoint. Every queued job is (re)sent:
-    the worker's conditional claim makes a duplicate message harmless."""
-    from sqlalchemy import select, update
+    """At start-up: a job still 'running' lost its worker (crash, power cut; a worker that is stopped puts
+    its job back itself). With the embedded queue the only worker is this command's child, so every running
+    job is an orphan; with a shared broker only those whose heartbeat is late (other hosts' workers may be
+    running jobs). Orphans are re-queued (up to GRAFT_MAX_ATTEMPTS starts, then failed) and resume from
+    their last checkpoint. Then every queued job is (re)sent: the worker's conditional claim makes a
+    duplicate message harmless, and the embedded queue may have lost messages."""
+    from sqlalchemy import select
 
-    from app.db.models import Job, JobEvent, JobStatus
-    from worker.celery_app import enqueue_job
+    from app.db.models import Job, JobStatus
+    from worker.reaper import reap, send_job, send_unsent
 
+    reap(S, settings, stale_after_s=0 if not settings.broker_url else None)
+    send_unsent(S, settings)
     with S() as db:
-        orphans = db.scalars(select(Job.id).where(Job.status == JobStatus.running.value)).all()
-        if orphans:
-            db.execute(update(Job).where(Job.id.in_(orphans)).values(status=JobStatus.queued.value))
-            for jid in orphans:
-                db.add(JobEvent(job_id=jid, kind="message", data={"message": "worker stopped; job re-queued"}))
-            db.commit()
-        for jid in db.scalars(select(Job.id).where(Job.status == JobStatus.queued.value)).all():
-            enqueue_job(jid, settings)
+        rows = db.execute(select(Job.id, Job.celery_task_id).where(Job.status == JobStatus.queued.value,
+                                                                   Job.celery_task_id.is_not(None))).all()
+    for jid, task_id in rows:
+        send_job(S, settings, jid, task_id)
+
+
+@app.command()
+def reconcile(wait: float = typer.Option(2.0, help="Seconds between the two looks at the broker (a message "
+                                                   "missing at both is taken as lost).")) -> None:
+    """Once: re-queue (or fail) jobs whose worker stopped responding, and send queued jobs the broker does
+    not have. Every worker already does this every GRAFT_RECONCILE_INTERVAL_S seconds."""
+    from worker.reaper import Reconciler
+
+    s = _settings()
+    run_migrations(s.db_url)
+    rec = Reconciler(s)
+    try:
+        first = rec.tick()
+        time.sleep(wait)
+        second = rec.tick()
+    except Exception as e:
+        _fail(f"could not reconcile ({type(e).__name__}: {e}): check GRAFT_DATABASE_URL and GRAFT_BROKER_URL")
+    done = {k: sorted(set(first[k]) | set(second[k])) for k in first}
+    labels = {"requeued": "re-queued (worker lost)", "failed": "failed (worker lost too often)",
+              "cancelled": "cancelled (worker lost)", "sent": "sent to the queue",
+              "resent": "sent again (the broker had lost them)"}
+    for k, ids in done.items():
+        if ids:
+            typer.echo(f"{labels[k]}: job(s) {', '.join(map(str, ids))}")
+    if not any(done.values()):
+        typer.echo("nothing to do: no lost jobs, the broker has every queued job")
 
 
 def _exit_on_signal(signum, frame) -> None:
@@ -146,6 +174,20 @@ def _die_with_parent() -> None:
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
+        pass
+
+
+WORKER_NICE = 10
+
+
+def _worker_child() -> None:
+    """In the worker child of `graft serve`: die with it, and train at a lower CPU priority, so that the web
+    app on the same cores stays quick while a job trains (docs/benchmarks.md, "Issue 5: load while
+    training"); training only gives way while the web is busy."""
+    _die_with_parent()
+    try:
+        os.nice(WORKER_NICE)
+    except OSError:
         pass
 
 
@@ -193,7 +235,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     env = {**os.environ, "GRAFT_DATA_DIR": str(s.data_dir)}
     if not no_worker:
         children.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
-                                         env=env, preexec_fn=_die_with_parent))
+                                         env=env, preexec_fn=_worker_child))
     if not s.inference_url:
         iport = _free_port()
         children.append(subprocess.Popen([sys.executable, "-m", "app.cli", "inference", "--port", str(iport)],
@@ -223,7 +265,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
                 child.send_signal(signal.SIGTERM)
         for child in children:
             try:
-                child.wait(timeout=10)  # a running job is re-queued at the next start and resumes
+                child.wait(timeout=10)  # the worker puts a running job back in the queue first
             except subprocess.TimeoutExpired:
                 child.kill()
         typer.echo("Graft stopped.")

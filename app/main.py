@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -38,21 +39,73 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, list]:
     return f"invalid request: {text}. Fix these fields and send it again", problems
 
 
-class UploadLimit:
-    """Refuses a request whose declared body is larger than the upload limit before reading it."""
+class _BodyTooLarge(Exception):
+    """Raised from `receive` when a body (chunked or lying about its length) grows past the limit."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+
+# the two routes that take files (they read them only after authentication)
+UPLOAD_PATHS = re.compile(r"/api/v1/(datasets|jobs/[^/]+/predict)/?$")
+
+
+class UploadLimit:
+    """Request size limits. The upload routes (POST UPLOAD_PATHS) take bodies up to `limit` bytes, every other
+    request up to `small_limit` (FastAPI reads a JSON body into memory, and before authentication). A declared
+    Content-Length above the limit is refused before anything is read; a body without one (chunked) or
+    longer than it declared is counted as it streams in and refused as soon as it passes the limit."""
+
+    def __init__(self, app, limit: int, small_limit: int = 1 << 20):
+        self.app, self.limit, self.small_limit = app, limit, small_limit
+
+    def _limit_for(self, scope) -> int:
+        if scope.get("method") == "POST" and UPLOAD_PATHS.search(scope.get("path", "")):
+            return self.limit
+        return self.small_limit
+
+    def _too_large(self, size: int | None, limit: int) -> JSONResponse:
+        what = f"the request body ({size} bytes)" if size is not None else "the request body"
+        hint = ("upload a smaller dataset or raise GRAFT_MAX_UPLOAD_BYTES" if limit == self.limit else
+                "only dataset uploads and predictions may be larger")
+        return _error(413, "too_large", f"{what} is larger than the limit of {limit} bytes: {hint}")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            for k, v in scope.get("headers", ()):
-                if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                    resp = _error(413, "too_large", f"the request body ({int(v)} bytes) is larger than the limit of "
-                                  f"{self.limit} bytes: upload a smaller dataset or raise GRAFT_MAX_UPLOAD_BYTES")
-                    await resp(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self._limit_for(scope)
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and v.isdigit() and int(v) > limit:
+                await self._too_large(int(v), limit)(scope, receive, send)
+                return
+        received, exceeded, started = 0, False, False
+
+        async def limited_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def checked_send(message):
+            nonlocal started
+            if exceeded:  # whatever the app made of the broken-off body, the client gets the 413
+                if not started:
+                    started = True
+                    await self._too_large(None, limit)(scope, receive, send)
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, checked_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            started = True
+            await self._too_large(None, limit)(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -61,9 +61,10 @@ def _drop_connections() -> None:
         amqp._producer_pool = None
 
 
-def enqueue_job(job_id: int, settings: Settings | None = None) -> str:
-    """Send the job id to the queue; returns the task id. Raises on broker trouble (callers map it)."""
+def enqueue_job(job_id: int, settings: Settings | None = None, task_id: str | None = None) -> str:
+    """Send the job id to the queue; returns the task id. Raises on broker trouble (callers map it).
+    (Sent to the queue itself, not through an exchange binding, which a restarted Redis may have lost.)"""
     app = configure(settings)
-    res = app.send_task(RUN_JOB, args=[job_id], queue=QUEUE, retry=True,
+    res = app.send_task(RUN_JOB, args=[job_id], queue=QUEUE, task_id=task_id, retry=True,
                         retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1})
     return res.id

@@ -1,10 +1,17 @@
 """The bridge between the queue, the database and the engine: claim a job row, run the engine with a
-reporter that writes progress and metrics into the database, record the outcome. Nothing else."""
+reporter that writes progress and metrics into the database, record the outcome. Nothing else.
+
+A claim is a conditional update (queued -> running) that also counts the attempt; (job id, attempt) then
+identifies this run. Every write of a running job is conditional on that pair, and a heartbeat thread
+renews `heartbeat_at` every few seconds: if the reaper (worker.reaper) took the job back because the
+heartbeat was late, this run finds its row changed, stops, and writes nothing more. A worker that is shut
+down (SIGTERM, Ctrl-C) stops its job at the next batch and puts it back in the queue."""
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import socket
+import threading
 from pathlib import Path
 import time
 
@@ -20,6 +27,21 @@ from worker.engine.files import sha256_file
 
 log = logging.getLogger(__name__)
 
+# set (from a signal handler: a plain assignment) when this worker is shutting down
+_shutting_down = False
+# the jobs this process has received and is running: its own reconciler never takes them back nor sends
+# them again (the process is alive, however late their heartbeat)
+ACTIVE: set[int] = set()
+
+
+def request_shutdown() -> None:
+    global _shutting_down
+    _shutting_down = True
+
+
+def shutting_down() -> bool:
+    return _shutting_down
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
@@ -29,21 +51,52 @@ def add_event(s: Session, job_id: int, kind: str, data: dict) -> None:
     s.add(JobEvent(job_id=job_id, kind=kind, data=data))
 
 
+def owned(job_id: int, attempt: int | None) -> tuple:
+    """The WHERE clause of a write by run `attempt` of job `job_id` (any run when attempt is None)."""
+    if attempt is None:
+        return (Job.id == job_id,)
+    return (Job.id == job_id, Job.status == JobStatus.running.value, Job.attempts == attempt)
+
+
 class Reporter(Callbacks):
     """Engine callbacks -> rows. Batch progress is written at most every `interval` seconds; the cancel
-    flag is read at most once a second."""
+    flag (and whether this run still owns the job) is read at most once a second. With an `attempt`, every
+    write is conditional on the row still belonging to that run; once it does not, `lost` is set, nothing
+    more is written and `should_stop` says stop."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: int, interval: float = 2.0):
-        self.S, self.job_id, self.interval = sessions, job_id, interval
+    def __init__(self, sessions: sessionmaker[Session], job_id: int, interval: float = 2.0,
+                 attempt: int | None = None):
+        self.S, self.job_id, self.interval, self.attempt = sessions, job_id, interval, attempt
         self._last_write = 0.0
         self._last_poll = 0.0
         self._stop = False
+        self.cancelled = False
+        self.lost = False
         self.total_epochs = 0
+        self.epochs_done = 0
 
     def _update(self, **values) -> None:
+        if self.lost:
+            return
         with self.S() as s:
-            s.execute(update(Job).where(Job.id == self.job_id).values(heartbeat_at=utcnow(), **values))
+            n = s.execute(update(Job).where(*owned(self.job_id, self.attempt))
+                          .values(heartbeat_at=utcnow(), **values)).rowcount
             s.commit()
+        if not n:
+            self._lose()
+
+    def _lose(self) -> None:
+        if not self.lost:
+            log.warning("job %s (attempt %s) no longer belongs to this worker: stopping it", self.job_id,
+                        self.attempt)
+        self.lost = True
+
+    def _owns(self, s: Session) -> bool:
+        if self.lost:
+            return False
+        if self.attempt is not None and not s.scalar(select(Job.id).where(*owned(self.job_id, self.attempt))):
+            self._lose()
+        return not self.lost
 
     def on_start(self, info: dict) -> None:
         self.total_epochs = info["epochs"]
@@ -51,8 +104,9 @@ class Reporter(Callbacks):
 
     def on_message(self, message: str) -> None:
         with self.S() as s:
-            add_event(s, self.job_id, "message", {"message": message})
-            s.commit()
+            if self._owns(s):
+                add_event(s, self.job_id, "message", {"message": message})
+                s.commit()
 
     def on_progress(self, p: BatchProgress) -> None:
         now = time.monotonic()
@@ -60,21 +114,27 @@ class Reporter(Callbacks):
             return
         self._last_write = now
         self._update(progress=round(min(p.fraction, 0.999), 4), stage=p.stage, eta_seconds=round(p.eta, 1),
-                     current_epoch=max(p.epoch - 1, 0) if p.stage in ("train", "val") else 0)
+                     current_epoch=max(p.epoch - 1, self.epochs_done) if p.stage in ("train", "val") else 0)
 
     def on_epoch_end(self, m: EngineEpoch) -> None:
         d = m.to_dict()
+        self.epochs_done = max(self.epochs_done, m.epoch)
         with self.S() as s:
-            existing = s.scalar(select(EpochMetric).where(EpochMetric.job_id == self.job_id,
-                                                          EpochMetric.epoch == m.epoch))
-            if existing is None:  # a resumed run may report an epoch again
-                s.add(EpochMetric(job_id=self.job_id, **d))
             best = s.scalar(select(Job.best_val_acc).where(Job.id == self.job_id))
             values = dict(current_epoch=m.epoch, eta_seconds=round(m.eta, 1), heartbeat_at=utcnow(),
                           progress=round(min(m.elapsed / (m.elapsed + m.eta), 0.999), 4) if m.elapsed + m.eta else 0)
             if m.is_best or best is None:
                 values["best_val_acc"] = m.val_acc
-            s.execute(update(Job).where(Job.id == self.job_id).values(**values))
+            # the row first: when this run no longer owns it, nothing of this epoch is written
+            if self.lost or not s.execute(update(Job).where(*owned(self.job_id, self.attempt))
+                                          .values(**values)).rowcount:
+                s.rollback()
+                self._lose()
+                return
+            existing = s.scalar(select(EpochMetric).where(EpochMetric.job_id == self.job_id,
+                                                          EpochMetric.epoch == m.epoch))
+            if existing is None:  # a resumed run may report an epoch again
+                s.add(EpochMetric(job_id=self.job_id, **d))
             add_event(s, self.job_id, "epoch", d)
             s.commit()
         self._last_write = time.monotonic()
@@ -84,79 +144,165 @@ class Reporter(Callbacks):
         if not self._stop and now - self._last_poll >= 1.0:
             self._last_poll = now
             with self.S() as s:
-                self._stop = bool(s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
-        return self._stop
+                self.cancelled = bool(s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+                if not self.cancelled:
+                    self._owns(s)
+            self._stop = self.cancelled or self.lost
+        return self._stop or self.lost or shutting_down()
+
+
+class Heartbeat(threading.Thread):
+    """Renews the running job's heartbeat every `every` seconds, whatever the engine is doing (a long
+    batch, decoding, an export). A failed renewal (database away) is retried; a row that no longer belongs
+    to the run tells the reporter, which stops the run."""
+
+    def __init__(self, reporter: Reporter, every: float):
+        super().__init__(name=f"graft-heartbeat-{reporter.job_id}", daemon=True)
+        self.reporter, self.every = reporter, every
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        r = self.reporter
+        while not self._done.wait(self.every) and not r.lost:
+            try:
+                with r.S() as s:
+                    n = s.execute(update(Job).where(*owned(r.job_id, r.attempt))
+                                  .values(heartbeat_at=utcnow())).rowcount
+                    s.commit()
+                if not n:
+                    r._lose()
+            except Exception as e:
+                log.warning("could not renew the heartbeat of job %s: %s", r.job_id, e)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=10)
 
 
 def _finish(S: sessionmaker[Session], job_id: int, status: str, error: str | None = None,
-            result: dict | None = None) -> None:
+            result: dict | None = None, attempt: int | None = None) -> bool:
+    """Record the outcome, if the row still belongs to run `attempt`. Returns whether it did."""
     with S() as s:
         values = dict(status=status, error=error, finished_at=utcnow(), heartbeat_at=utcnow(), stage=None)
         if status == JobStatus.succeeded.value:
             values.update(progress=1.0, eta_seconds=0.0)
         if result is not None:
             values["result"] = result
-        s.execute(update(Job).where(Job.id == job_id).values(**values))
+        if not s.execute(update(Job).where(*owned(job_id, attempt)).values(**values)).rowcount:
+            log.warning("job %s (attempt %s) no longer belongs to this worker: its outcome (%s) is not recorded",
+                        job_id, attempt, status)
+            return False
         add_event(s, job_id, "status", {"status": status, "error": error})
         s.commit()
+        return True
+
+
+def _release(S: sessionmaker[Session], job_id: int, attempt: int, epoch: int) -> bool:
+    """This worker is shutting down: put the job back in the queue (the attempt does not count); it
+    continues from its last checkpoint on the next worker. False if the run no longer owns the job, or a
+    cancel was asked for (then it is cancelled, not released)."""
+    with S() as s:
+        n = s.execute(update(Job).where(*owned(job_id, attempt), Job.cancel_requested.is_(False)).values(
+            status=JobStatus.queued.value, attempts=Job.attempts - 1, celery_task_id=None, stage=None,
+            eta_seconds=None)).rowcount
+        if not n:
+            return False
+        after = f"after epoch {epoch}" if epoch else "from the start"
+        add_event(s, job_id, "message", {"message": f"the worker is shutting down: job put back in the queue; "
+                                                    f"it continues {after} on the next worker"})
+        add_event(s, job_id, "status", {"status": JobStatus.queued.value, "error": None})
+        s.commit()
+    # no task id: another worker's reconciler sends it (not this one: its consumer may still take it)
+    return True
 
 
 def execute(job_id: int, settings: Settings | None = None) -> str:
     """Run job `job_id` if it is still queued (idempotent: a second delivery finds it claimed)."""
-    settings = settings or get_settings()
+    ACTIVE.add(job_id)
+    try:
+        return _execute(job_id, settings or get_settings())
+    finally:
+        ACTIVE.discard(job_id)
+
+
+def _execute(job_id: int, settings: Settings) -> str:
     S = session_factory(settings.db_url)
+    # import the engine (torch: seconds) before the claim, so that the job's heartbeat starts right after it
+    from worker.engine.errors import GraftError
+    from worker.engine.runner import run
+    from worker.engine.spec import RunSpec
+
+    if shutting_down():  # a message taken while this worker stops: leave the job to another worker
+        with S() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value)
+                      .values(celery_task_id=None))
+            s.commit()
+        log.info("job %s left in the queue: this worker is shutting down", job_id)
+        return "deferred"
     with S() as s:
         claimed = s.execute(
             update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value, Job.cancel_requested.is_(False))
             .values(status=JobStatus.running.value, started_at=utcnow(), heartbeat_at=utcnow(),
-                    worker=socket.gethostname())
+                    worker=socket.gethostname(), attempts=Job.attempts + 1)
         ).rowcount
         if not claimed:
             job = s.get(Job, job_id)
             log.info("job %s not claimed (status %s)", job_id, job.status if job else "missing")
             return "skipped"
         add_event(s, job_id, "status", {"status": JobStatus.running.value, "error": None})
-        s.commit()
         job = s.get(Job, job_id)
+        attempt = job.attempts
+        if attempt > 1:
+            add_event(s, job_id, "message", {"message": f"attempt {attempt} of {settings.max_attempts}"})
+        s.commit()
         dataset = s.get(Dataset, job.dataset_id)
         spec_data, data_rel = dict(job.spec), dataset.path
 
-    from worker.engine.errors import GraftError
-    from worker.engine.runner import run
-    from worker.engine.spec import RunSpec
-
     out = settings.runs_dir / str(job_id)
+    reporter = Reporter(S, job_id, settings.progress_interval_s, attempt=attempt)
+    heartbeat = Heartbeat(reporter, settings.heartbeat_every_s)
+    heartbeat.start()
     try:
-        spec = RunSpec(**spec_data)
-        result = run(spec, settings.data_dir / data_rel, out, Reporter(S, job_id, settings.progress_interval_s),
-                     resume=(out / "checkpoints" / "last.pt").is_file(), cache_dir=settings.features_cache_dir)
-    except GraftError as e:
-        _finish(S, job_id, JobStatus.failed.value, str(e))
-        return "failed"
-    except Exception as e:  # a bug or an environment problem: say so, keep the worker alive
-        log.exception("job %s crashed", job_id)
-        _finish(S, job_id, JobStatus.failed.value, f"internal error: {type(e).__name__}: {e}. The worker log has "
-                "the details; retry the job or report the problem.")
-        return "failed"
-    if result.status == "stopped":
-        _finish(S, job_id, JobStatus.cancelled.value, "cancelled on request")
-        return "cancelled"
-    exports = _export(Reporter(S, job_id), out, result.val_files)
-    with S() as s:
-        for kind, name in (("model", "model.pt"), ("metrics", "metrics.json"), ("model_card", "model_card.json"),
-                           ("torchscript", "model.torchscript.pt"), ("onnx", "model.onnx"),
-                           ("confusion_matrix", "confusion_matrix.png")):
-            p = out / name
-            if p.is_file() and not s.scalar(select(Artifact.id).where(Artifact.job_id == job_id,
-                                                                     Artifact.kind == kind)):
-                s.add(Artifact(job_id=job_id, kind=kind, path=str(p.relative_to(settings.data_dir)),
-                               size=p.stat().st_size, sha256=sha256_file(p)))
-        s.commit()
-    summary = result.summary()
-    summary["report"] = result.report
-    summary["exports"] = exports
-    _finish(S, job_id, JobStatus.succeeded.value, None, summary)
-    return "succeeded"
+        try:
+            spec = RunSpec(**spec_data)
+            result = run(spec, settings.data_dir / data_rel, out, reporter,
+                         resume=(out / "checkpoints" / "last.pt").is_file(), cache_dir=settings.features_cache_dir)
+        except GraftError as e:
+            return "failed" if _finish(S, job_id, JobStatus.failed.value, str(e), attempt=attempt) else "superseded"
+        except Exception as e:  # a bug or an environment problem: say so, keep the worker alive
+            log.exception("job %s crashed", job_id)
+            ok = _finish(S, job_id, JobStatus.failed.value, f"internal error: {type(e).__name__}: {e}. The worker "
+                         "log has the details; retry the job or report the problem.", attempt=attempt)
+            return "failed" if ok else "superseded"
+        if result.status == "stopped":
+            if reporter.lost:
+                return "superseded"
+            if shutting_down():
+                heartbeat.stop()
+                if _release(S, job_id, attempt, result.epochs_run):
+                    return "released"
+            ok = _finish(S, job_id, JobStatus.cancelled.value, "cancelled on request", attempt=attempt)
+            return "cancelled" if ok else "superseded"
+        exports = _export(reporter, out, result.val_files)
+        with S() as s:
+            if not reporter._owns(s):
+                return "superseded"
+            for kind, name in (("model", "model.pt"), ("metrics", "metrics.json"), ("model_card", "model_card.json"),
+                               ("torchscript", "model.torchscript.pt"), ("onnx", "model.onnx"),
+                               ("confusion_matrix", "confusion_matrix.png")):
+                p = out / name
+                if p.is_file() and not s.scalar(select(Artifact.id).where(Artifact.job_id == job_id,
+                                                                         Artifact.kind == kind)):
+                    s.add(Artifact(job_id=job_id, kind=kind, path=str(p.relative_to(settings.data_dir)),
+                                   size=p.stat().st_size, sha256=sha256_file(p)))
+            s.commit()
+        summary = result.summary()
+        summary["report"] = result.report
+        summary["exports"] = exports
+        ok = _finish(S, job_id, JobStatus.succeeded.value, None, summary, attempt=attempt)
+        return "succeeded" if ok else "superseded"
+    finally:
+        heartbeat.stop()
 
 
 def _export(reporter: Reporter, out, val_files: list[str]) -> list[dict]:
@@ -178,15 +324,7 @@ def _export(reporter: Reporter, out, val_files: list[str]) -> list[dict]:
 
 def send_unsent_jobs(settings: Settings | None = None) -> int:
     """Enqueue every queued job that never reached the broker (no celery task id)."""
-    from worker.celery_app import enqueue_job
+    from worker.reaper import send_unsent
 
     settings = settings or get_settings()
-    S = session_factory(settings.db_url)
-    with S() as s:
-        ids = s.scalars(select(Job.id).where(Job.status == JobStatus.queued.value, Job.celery_task_id.is_(None),
-                                             Job.cancel_requested.is_(False))).all()
-        for jid in ids:
-            task_id = enqueue_job(jid, settings)
-            s.execute(update(Job).where(Job.id == jid).values(celery_task_id=task_id))
-            s.commit()
-    return len(ids)
+    return len(send_unsent(session_factory(settings.db_url), settings))

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from worker.celery_app import RUN_JOB, celery_app, configure
 
 log = logging.getLogger(__name__)
 configure()
+
+_maintenance = None
 
 
 @celery_app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
@@ -21,12 +23,35 @@ def run_job(job_id: int) -> str:
 @worker_ready.connect
 def _send_unsent(**_) -> None:
     """Jobs saved while the broker was unreachable have no task id: send them now. A duplicate message
-    is harmless (the claim is a conditional update)."""
+    is harmless (the claim is a conditional update). Then keep reaping lost jobs and re-sending lost
+    messages in the background (worker.reaper)."""
+    global _maintenance
+    from worker.reaper import Maintenance
     from worker.runjob import send_unsent_jobs
 
+    try:  # load the engine (torch) now rather than when the first job has been claimed
+        import worker.engine.runner  # noqa: F401
+    except Exception:
+        log.exception("could not load the training engine")
     try:
         n = send_unsent_jobs()
         if n:
             log.info("sent %d queued job(s) that had not reached the queue", n)
     except Exception:  # never keep a worker from starting
         log.exception("could not send queued jobs")
+    if _maintenance is None:
+        _maintenance = Maintenance()
+        _maintenance.start()
+        log.info("job maintenance every %.0f s (lost workers after %.0f s without a heartbeat)",
+                 _maintenance.settings.reconcile_interval_s, _maintenance.settings.heartbeat_timeout_s)
+
+
+@worker_shutting_down.connect
+def _shutting_down(**_) -> None:
+    """Runs in the signal handler: only set flags. The running job stops at its next batch and goes back
+    to the queue (worker.runjob)."""
+    from worker.runjob import request_shutdown
+
+    request_shutdown()
+    if _maintenance is not None:
+        _maintenance.stop()

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated, Iterator
+from typing import Annotated, AsyncIterator
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import Unauthorized
 from app.core.settings import Settings
@@ -19,13 +20,19 @@ CSRF_HEADER = "x-csrf-token"
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:  # async: no trip to the threadpool for this
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as s:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """A session per request. Opening one does no I/O (the connection comes with the first query, in the
+    threadpool), so it is made here on the event loop; closing it (returning the connection to the pool)
+    goes to the threadpool. A sync generator would cost two threadpool trips per request."""
+    s = request.app.state.sessions()
+    try:
         yield s
+    finally:
+        await run_in_threadpool(s.close)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -28,6 +28,17 @@ class ErrorOut(BaseModel):
     error: ErrorBody
 
 
+ERROR_TEXT = {400: "The request is malformed or its content unusable", 401: "No valid token or session",
+              404: "No such object, or it belongs to another user", 405: "Method not allowed",
+              409: "The object's state does not allow this", 413: "The request body is larger than the limit",
+              422: "Invalid parameters", 503: "A backing service (job queue, inference) cannot be reached"}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error statuses: every error answers {"error": {code, message, details}}."""
+    return {c: {"model": ErrorOut, "description": ERROR_TEXT[c]} for c in codes}
+
+
 class DatasetOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int

@@ -90,6 +90,8 @@ class Job(Base):
     best_val_acc: Mapped[float | None] = mapped_column(Float, default=None)
     result: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    # times a worker started the job (the claim counts it); identifies the run that owns a 'running' row
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)

@@ -9,7 +9,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # as many pooled connections as the web's threadpool has threads (40): a smaller pool opens and
+        # closes an overflow connection (and runs the pragmas below) on almost every request under load
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=40,
+                               max_overflow=10)
 
         @event.listens_for(engine, "connect")
         def _pragmas(conn, _):  # WAL lets the worker write while the web reads

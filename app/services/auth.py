@@ -8,7 +8,7 @@ import hmac
 import secrets
 
 from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from app.core.errors import BadRequest, Conflict, NotFound
 from app.db.models import ApiToken, User
@@ -65,7 +65,8 @@ def lookup(session: Session, token: str, kinds: tuple[str, ...]) -> ApiToken | N
     if not token or len(token) > 200:
         return None
     h = hash_token(token)
-    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == h))
+    # the user comes in the same query: every authenticated request runs this
+    row = session.scalar(select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.token_hash == h))
     if row is None or not hmac.compare_digest(row.token_hash, h) or row.kind not in kinds:
         return None
     exp = _aware(row.expires_at)

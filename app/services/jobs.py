@@ -5,7 +5,7 @@ import datetime as dt
 import logging
 import shutil
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
@@ -66,21 +66,33 @@ def create(session: Session, settings: Settings, user: User, dataset_id: int, sp
     return job
 
 
-def cancel(session: Session, user: User, job_id: int) -> Job:
+def cancel(session: Session, user: User, job_id: int, settings: Settings | None = None) -> Job:
     """Queued: cancelled at once (a worker that receives it later skips it). Running: the worker sees the
-    flag within a second or two and stops. Finished: 409."""
+    flag within a second or two and stops; if its worker stopped responding (no heartbeat for
+    GRAFT_HEARTBEAT_TIMEOUT_S), cancelled at once (were the worker only slow, it finds the row changed and
+    stops). Finished: 409."""
+    from app.core.settings import get_settings
+
     job = get_owned(session, user, job_id)
     if job.status in FINAL_STATUSES:
         raise Conflict(f"job {job.id} already {job.status}: there is nothing to cancel")
     now = utcnow()
-    n = session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.queued.value).values(
-        status=JobStatus.cancelled.value, cancel_requested=True, finished_at=now, error="cancelled on request")
-    ).rowcount
+    # the flag first: from then on no worker claims the job, and the reaper never re-queues it
+    session.execute(update(Job).where(Job.id == job.id, Job.status.not_in(FINAL_STATUSES))
+                    .values(cancel_requested=True))
+    done = dict(status=JobStatus.cancelled.value, finished_at=now, stage=None)
+    error = "cancelled on request"
+    n = session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.queued.value)
+                        .values(error=error, **done)).rowcount
+    if not n:
+        cutoff = now - dt.timedelta(seconds=(settings or get_settings()).heartbeat_timeout_s)
+        error = "cancelled on request (its worker had stopped responding)"
+        n = session.execute(update(Job).where(
+            Job.id == job.id, Job.status == JobStatus.running.value,
+            func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at) < cutoff).values(error=error, **done)
+        ).rowcount
     if n:
-        session.add(JobEvent(job_id=job.id, kind="status", data={"status": "cancelled",
-                                                                   "error": "cancelled on request"}))
-    else:
-        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+        session.add(JobEvent(job_id=job.id, kind="status", data={"status": "cancelled", "error": error}))
     session.commit()
     session.refresh(job)
     return job

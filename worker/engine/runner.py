@@ -111,6 +111,25 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _is_oom(e: BaseException) -> bool:
+    """Out of GPU memory (or, on CPU, an allocation that failed)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _cpu_copy(obj):
+    """A deep copy with every tensor on the CPU (a state dict's tensors are the live ones)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
 def fingerprint(items: list[tuple[Path, int]], root: Path) -> str:
     """Identifies a list of labelled files by name, size and modification time."""
     h = hashlib.sha256()
@@ -152,6 +171,7 @@ class Runner:
         self.device = pick_device(device)
         self.budget = store_budget_bytes
         self.ckpt_dir = self.out / "checkpoints"
+        self.accum = 1  # gradient accumulation steps per batch (raised when the GPU runs out of memory)
 
     # ------------------------------------------------------------ setup
 
@@ -351,31 +371,85 @@ class Runner:
             progress("train", epoch, b + 1, n_batches, t, self._eta_after_epoch(epoch))
         return loss_sum / seen, correct / seen, seen, time.perf_counter() - t
 
+    def _micro(self) -> int:
+        """The batch that goes through the model at once: batch_size split into `accum` parts."""
+        return max(1, math.ceil(self.spec.batch_size / self.accum))
+
     def _epoch_on_images(self, phase, opt, sched, scaler, epoch: int, progress: _Progress):
+        """One optimizer step per batch of batch_size images; with accum > 1 the batch goes through the
+        model in `accum` micro-batches whose gradients add up to the whole batch's."""
         freeze.train_mode(self.model, phase)
         loader = self._loader(self.train_idx, self.train_labels,
                               train_transform(self.spec.augment, self.pre.image_size), shuffle=True)
         loss_sum = correct = seen = 0
+        micro = self._micro()
         t = time.perf_counter()
-        for b, (x, y) in enumerate(loader):
-            x, y = self._inputs(x), y.to(self.device)
-            with self._autocast():
-                logits = self.model(x)
-            loss = self._loss(logits, y)
+        for b, (x_all, y_all) in enumerate(loader):
+            n = len(y_all)
             opt.zero_grad(set_to_none=True)
+            for x, y in zip(x_all.split(micro), y_all.split(micro)):
+                x, y = self._inputs(x), y.to(self.device)
+                with self._autocast():
+                    logits = self.model(x)
+                loss = self._loss(logits, y)
+                if len(y) != n:
+                    loss = loss * (len(y) / n)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                loss_sum += loss.item() * n
+                correct += (logits.argmax(1) == y).sum().item()
             if scaler is not None:
-                scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
             else:
-                loss.backward()
                 opt.step()
             sched.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
+            seen += n
             progress("train", epoch, b + 1, len(loader), t, self._eta_after_epoch(epoch))
         return loss_sum / seen, correct / seen, seen, time.perf_counter() - t
+
+    def _snapshot(self, opt, sched, scaler) -> dict:
+        """Everything an epoch changes, copied to the CPU, to start the epoch over."""
+        return {"model": _cpu_copy(self.model.state_dict()), "optimizer": _cpu_copy(opt.state_dict()),
+                "scheduler": _cpu_copy(sched.state_dict()), "scaler": scaler.state_dict() if scaler else None,
+                "rng": _rng_state()}
+
+    def _epoch_on_images_retrying(self, phase, opt, sched, scaler, epoch: int, progress: _Progress):
+        """Train and validate one epoch on images. Out of GPU memory: restore the state of the epoch's start,
+        halve the micro-batch (accumulating gradients so that every optimizer step still sees batch_size
+        images), say so, and run the epoch again; give up at one image per micro-batch."""
+        snap = self._snapshot(opt, sched, scaler)
+        while True:
+            try:
+                tl, ta, seen, ttrain = self._epoch_on_images(phase, opt, sched, scaler, epoch, progress)
+                logits = self._predict_val(False, epoch, progress)
+                return tl, ta, seen, ttrain, logits
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                detail = str(e).split("\n")[0][:200]
+            # out of the except block, so that the failed step's tensors (held by the traceback) are freed
+            before = self._micro()
+            if before <= 1:
+                raise SpecError(f"out of memory even with one image at a time ({detail}): pick a smaller "
+                                "image_size or backbone, or free the GPU")
+            while self._micro() == before:
+                self.accum *= 2
+            opt.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.model.load_state_dict(snap["model"])
+            opt.load_state_dict(snap["optimizer"])
+            sched.load_state_dict(snap["scheduler"])
+            if scaler is not None and snap["scaler"]:
+                scaler.load_state_dict(snap["scaler"])
+            _set_rng_state(snap["rng"])
+            msg = (f"out of memory at batch size {before}: retrying the epoch with batch {self._micro()} x "
+                   f"{self.accum} accumulation")
+            log.warning("%s (%s)", msg, detail)
+            self.cb.on_message(msg)
 
     @torch.inference_mode()
     def _predict_val(self, use_features: bool, epoch: int, progress: _Progress) -> torch.Tensor:
@@ -386,9 +460,10 @@ class Runner:
         out = []
         t = time.perf_counter()
         loader = self._loader(self.val_idx, self.val_labels, eval_transform(self.pre.image_size), shuffle=False)
-        for b, (x, _) in enumerate(loader):
-            with self._autocast():
-                out.append(self.model(self._inputs(x)).float().cpu())
+        for b, (x_all, _) in enumerate(loader):
+            for x in x_all.split(self._micro()):
+                with self._autocast():
+                    out.append(self.model(self._inputs(x)).float().cpu())
             progress("val", epoch, b + 1, len(loader), t)
         return torch.cat(out)
 
@@ -491,6 +566,7 @@ class Runner:
                 global_epoch, body_touched = ck["epoch"], ck["body_touched"]
                 elapsed_before, train_seen = ck["elapsed"], ck["train_seen"]
                 self.epoch_times = ck["epoch_times"]
+                self.accum = ck.get("accum", 1)
                 self.cb.on_message(f"resumed after epoch {global_epoch}")
             else:
                 global_epoch = 0
@@ -534,11 +610,11 @@ class Runner:
                     te = time.perf_counter()
                     if on_feats:
                         tl, ta, seen, ttrain = self._epoch_on_features(phase, opt, sched, global_epoch, progress)
+                        logits = self._predict_val(True, global_epoch, progress)
                     else:
-                        tl, ta, seen, ttrain = self._epoch_on_images(phase, opt, sched, scaler, global_epoch,
-                                                                     progress)
+                        tl, ta, seen, ttrain, logits = self._epoch_on_images_retrying(
+                            phase, opt, sched, scaler, global_epoch, progress)
                     train_seen += seen
-                    logits = self._predict_val(on_feats, global_epoch, progress)
                     yv = torch.tensor(self.val_labels)
                     vl = F.cross_entropy(logits, yv).item()
                     va = (logits.argmax(1) == yv).float().mean().item()
@@ -567,6 +643,7 @@ class Runner:
                         "rng": _rng_state(), "history": [h.to_dict() for h in history],
                         "best": best, "bad_epochs": bad_epochs, "body_touched": body_touched,
                         "elapsed": elapsed, "train_seen": train_seen, "epoch_times": self.epoch_times,
+                        "accum": self.accum,
                     })
                     self.cb.on_epoch_end(m)
                     if stop_early:

@@ -3,10 +3,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import CurrentUser
-from app.api.schemas import BackboneOut
+from app.api.schemas import BackboneOut, errors
 from worker.engine.catalog import CATALOG
 
-router = APIRouter(prefix="/api/v1/backbones", tags=["backbones"])
+router = APIRouter(prefix="/api/v1/backbones", tags=["backbones"], responses=errors(401))
 
 
 @router.get("", response_model=list[BackboneOut])

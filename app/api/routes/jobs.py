@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
+import time
 from pathlib import Path
 from typing import Annotated, AsyncIterator, Literal
 
@@ -12,19 +14,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
-from app.api.schemas import EpochMetricOut, JobCreate, JobOut
+from app.api.schemas import EpochMetricOut, JobCreate, JobOut, errors
 from app.core.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from app.db.models import FINAL_STATUSES, MAX_ID, EpochMetric, Job, JobEvent
 from app.services import jobs as service
 from worker.engine.spec import RunSpec
 
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=errors(401, 422))
 
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 
 
-@router.post("", status_code=201, response_model=JobOut)
+@router.post("", status_code=201, response_model=JobOut, responses=errors(400, 404, 413, 503))
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     """Queue a training job. Every parameter but dataset_id has a default (see RunSpec)."""
     spec = RunSpec(**body.model_dump(exclude={"dataset_id"}))
@@ -42,29 +44,30 @@ def list_jobs(session: SessionDep, user: CurrentUser, status: str | None = None,
     return [JobOut.model_validate(j) for j in session.scalars(q.order_by(Job.id.desc()))]
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=errors(404))
 def get_job(job_id: int, session: SessionDep, user: CurrentUser):
     return JobOut.model_validate(service.get_owned(session, user, job_id))
 
 
-@router.delete("/{job_id}", status_code=204)
+@router.delete("/{job_id}", status_code=204, responses=errors(404, 409))
 def delete_job(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     """Delete a finished job with its files."""
     service.delete(session, settings, user, job_id)
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/metrics", response_model=list[EpochMetricOut])
+@router.get("/{job_id}/metrics", response_model=list[EpochMetricOut], responses=errors(404))
 def job_metrics(job_id: int, session: SessionDep, user: CurrentUser):
     job = service.get_owned(session, user, job_id)
     rows = session.scalars(select(EpochMetric).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch))
     return [EpochMetricOut.model_validate(r) for r in rows]
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: int, session: SessionDep, user: CurrentUser):
-    """Queued jobs are cancelled at once; running ones stop within a few seconds."""
-    return JobOut.model_validate(service.cancel(session, user, job_id))
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(404, 409))
+def cancel_job(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
+    """Queued jobs are cancelled at once; running ones stop within a few seconds (at once if their worker
+    stopped responding)."""
+    return JobOut.model_validate(service.cancel(session, user, job_id, settings))
 
 
 FORMATS = {"pytorch": ("model", ".pt"), "torchscript": ("torchscript", ".torchscript.pt"),
@@ -79,7 +82,8 @@ def _artifact_file(settings, art) -> Path:
 
 
 @router.get("/{job_id}/model", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}, "description": "The model file"}})
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "The model file"},
+                       **errors(404, 409)})
 def download_model(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser,
                    format: Literal["pytorch", "torchscript", "onnx", "model_card"] = "pytorch"):
     """The trained model: `pytorch` (state dict with classes, preprocessing, parameters and metrics inside),
@@ -97,7 +101,7 @@ def download_model(job_id: int, session: SessionDep, settings: SettingsDep, user
                         headers={"X-Checksum-SHA256": art.sha256})
 
 
-@router.get("/{job_id}/evaluation")
+@router.get("/{job_id}/evaluation", responses=errors(404))
 def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> dict:
     """How good the model is on the val set: accuracy, confusion matrix (rows = true class), per-class
     precision/recall/F1/support, top-k accuracy (more than 5 classes), the most confident mistakes
@@ -114,13 +118,13 @@ def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> dict:
 
 
 @router.get("/{job_id}/confusion_matrix.png", response_class=FileResponse,
-            responses={200: {"content": {"image/png": {}}}})
+            responses={200: {"content": {"image/png": {}}}, **errors(404)})
 def confusion_matrix_png(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     art = service.artifact(session, user, job_id, "confusion_matrix")
     return FileResponse(_artifact_file(settings, art), media_type="image/png")
 
 
-@router.get("/{job_id}/mistakes/{n}.jpg", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+@router.get("/{job_id}/mistakes/{n}.jpg", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **errors(404)})
 def mistake_image(job_id: int, n: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     """A thumbnail of the n-th misclassified val image."""
     job = service.get_owned(session, user, job_id)
@@ -132,7 +136,7 @@ def mistake_image(job_id: int, n: int, session: SessionDep, settings: SettingsDe
     return Response(thumbs.file_thumbnail(settings, job.dataset, mistakes[n]["file"]), media_type="image/jpeg")
 
 
-@router.post("/{job_id}/predict", openapi_extra={"requestBody": {"required": True, "content": {
+@router.post("/{job_id}/predict", responses=errors(400, 404, 413, 503), openapi_extra={"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "top_k": {"type": "integer", "default": 3}}}}}}})
@@ -179,8 +183,48 @@ def _snapshot(job: Job) -> dict:
             "error": job.error}
 
 
+class _Feed:
+    """The events and progress snapshot of one job, polled from the database at most once per SSE_POLL_S
+    for all of its SSE clients in this process: a hundred watchers of a job cost about what one costs."""
+
+    BATCH = 500
+
+    def __init__(self, sessions, job_id: int):
+        self.sessions, self.job_id = sessions, job_id
+        self.rows: list[tuple[int, str, dict]] = []  # the job's stored events so far, in id order
+        self.snap: dict = {}
+        self.more = True  # the last poll stopped at BATCH rows: more are waiting
+        self.polled_at = -1e9
+        self.clients = 0
+        self._lock = asyncio.Lock()
+
+    def _poll(self, after_id: int) -> tuple[list[tuple[int, str, dict]], dict]:
+        with self.sessions() as s:
+            rows = s.execute(select(JobEvent.id, JobEvent.kind, JobEvent.data)
+                             .where(JobEvent.job_id == self.job_id, JobEvent.id > after_id)
+                             .order_by(JobEvent.id).limit(self.BATCH)).all()
+            j = s.get(Job, self.job_id)
+            return [tuple(r) for r in rows], (_snapshot(j) if j else {"status": "deleted"})
+
+    async def refresh(self) -> None:
+        async with self._lock:  # the clients that wait here get the result of the poll under way
+            if time.monotonic() - self.polled_at < SSE_POLL_S * 0.8:
+                return
+            rows, snap = await run_in_threadpool(self._poll, self.rows[-1][0] if self.rows else 0)
+            self.rows = self.rows + rows  # a new list: clients iterating the old one are not disturbed
+            self.snap, self.more, self.polled_at = snap, len(rows) >= self.BATCH, time.monotonic()
+
+
+def _feeds(app) -> dict[int, _Feed]:
+    """This app's feeds by job id (made on first use; the event loop is the only one to touch them)."""
+    feeds = getattr(app.state, "sse_feeds", None)
+    if feeds is None:
+        feeds = app.state.sse_feeds = {}
+    return feeds
+
+
 @router.get("/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}})
+            responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}, **errors(404)})
 async def job_events(job_id: int, request: Request, session: SessionDep, user: CurrentUser,
                      last_event_id: str | None = Header(None)):
     """Server-sent events: `status`, `epoch` and `message` events carry ids (resume with Last-Event-ID);
@@ -190,38 +234,42 @@ async def job_events(job_id: int, request: Request, session: SessionDep, user: C
         after = min(max(int(last_event_id), 0), MAX_ID) if last_event_id else 0
     except ValueError:
         after = 0
-    sessions = request.app.state.sessions
-
-    def poll(after_id: int) -> tuple[list[tuple[int, str, dict]], dict]:
-        with sessions() as s:
-            rows = s.execute(select(JobEvent.id, JobEvent.kind, JobEvent.data)
-                             .where(JobEvent.job_id == job.id, JobEvent.id > after_id)
-                             .order_by(JobEvent.id).limit(500)).all()
-            j = s.get(Job, job.id)
-            return [tuple(r) for r in rows], (_snapshot(j) if j else {"status": "deleted"})
+    job_id = job.id
+    # the stream lasts as long as the job: give the request's connection back to the pool now, or a few
+    # dozen watchers exhaust the pool and every other request waits
+    session.close()
+    feeds = _feeds(request.app)
 
     async def stream() -> AsyncIterator[str]:
-        last_id, last_snap, idle = after, None, 0.0
-        yield "retry: 2000\n\n"
-        while True:
-            if await request.is_disconnected():
-                return
-            rows, snap = await run_in_threadpool(poll, last_id)
-            for rid, kind, data in rows:
-                last_id = rid
-                yield f"id: {rid}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
-            if snap != last_snap:
-                last_snap = snap
-                yield f"event: progress\ndata: {json.dumps(snap)}\n\n"
-                idle = 0.0
-            if snap.get("status") in FINAL_STATUSES + ("deleted",) and len(rows) < 500:
-                yield "event: end\ndata: {}\n\n"
-                return
-            await asyncio.sleep(SSE_POLL_S)
-            idle += SSE_POLL_S
-            if idle >= SSE_KEEPALIVE_S:
-                idle = 0.0
-                yield ": keep-alive\n\n"
+        feed = feeds.get(job_id) or feeds.setdefault(job_id, _Feed(request.app.state.sessions, job_id))
+        feed.clients += 1
+        try:
+            last_id, last_snap, idle = after, None, 0.0
+            yield "retry: 2000\n\n"
+            while True:
+                if await request.is_disconnected():
+                    return
+                await feed.refresh()
+                rows, snap, more = feed.rows, feed.snap, feed.more
+                for rid, kind, data in rows[bisect.bisect_right(rows, last_id, key=lambda r: r[0]):]:
+                    last_id = rid
+                    yield f"id: {rid}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+                if snap != last_snap:
+                    last_snap = snap
+                    yield f"event: progress\ndata: {json.dumps(snap)}\n\n"
+                    idle = 0.0
+                if snap.get("status") in FINAL_STATUSES + ("deleted",) and not more:
+                    yield "event: end\ndata: {}\n\n"
+                    return
+                await asyncio.sleep(SSE_POLL_S)
+                idle += SSE_POLL_S
+                if idle >= SSE_KEEPALIVE_S:
+                    idle = 0.0
+                    yield ": keep-alive\n\n"
+        finally:
+            feed.clients -= 1
+            if feed.clients == 0 and feeds.get(job_id) is feed:
+                del feeds[job_id]
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -149,6 +149,17 @@ def _int(value: str) -> int | None:
     return int(value) if value.isdigit() and len(value) < 12 else None
 
 
+def _owned(get_owned, session, user, raw_id: str):
+    """The user's object for a page URL id, or None (bad id, no such object, or someone else's)."""
+    oid = _int(raw_id)
+    if oid is None:
+        return None
+    try:
+        return get_owned(session, user, oid)
+    except NotFound:
+        return None
+
+
 # ---------------------------------------------------------------- sign in / out
 
 
@@ -239,12 +250,8 @@ def dataset_new(request: Request, settings: SettingsDep, user: PageUser):
 def dataset_page(dataset_id: str, request: Request, session: SessionDep, user: PageUser):
     if user is None:
         return sign_in_page(request)
-    did = _int(dataset_id)
-    try:
-        if did is None:
-            raise NotFound("bad id")
-        ds = dataset_service.get_owned(session, user, did)
-    except NotFound:
+    ds = _owned(dataset_service.get_owned, session, user, dataset_id)
+    if ds is None:
         return _not_found(request, user, f"dataset {dataset_id}")
     train = ds.counts.get("train", {})
     val = ds.counts.get("val", {})
@@ -291,12 +298,8 @@ def job_new(request: Request, session: SessionDep, user: PageUser, dataset_id: s
     datasets = session.scalars(select(Dataset).where(Dataset.owner_id == user.id).order_by(Dataset.id.desc())).all()
     if not dataset_id:
         return render(request, "job_new.html", {"nav": "job_new", "ds": None, "datasets": datasets}, user=user)
-    did = _int(dataset_id)
-    try:
-        if did is None:
-            raise NotFound("bad id")
-        ds = dataset_service.get_owned(session, user, did)
-    except NotFound:
+    ds = _owned(dataset_service.get_owned, session, user, dataset_id)
+    if ds is None:
         return _not_found(request, user, f"dataset {dataset_id}")
     backbones = _backbones()
     available = [b["name"] for b in backbones if b["available"]]
@@ -351,12 +354,8 @@ def _exports_view(result: dict, kinds: set[str]) -> list[dict]:
 def job_page(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, user: PageUser):
     if user is None:
         return sign_in_page(request)
-    jid = _int(job_id)
-    try:
-        if jid is None:
-            raise NotFound("bad id")
-        job = job_service.get_owned(session, user, jid)
-    except NotFound:
+    job = _owned(job_service.get_owned, session, user, job_id)
+    if job is None:
         return _not_found(request, user, f"job {job_id}")
     metrics = [_metric_dict(m) for m in session.scalars(
         select(EpochMetric).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch))]

@@ -3,7 +3,8 @@
 (() => {
   const data = JSON.parse(document.getElementById("job-data").textContent);
   const FINAL = ["succeeded", "failed", "cancelled"];
-  const STAGES = { decode: "Decoding images", features: "Computing features", train: "Training", val: "Validating" };
+  const STAGES = { decode: "Decoding images", features: "Computing features", train: "Training", val: "Validating",
+                   export: "Exporting the model (TorchScript, ONNX)" };
   const $ = (id) => document.getElementById(id);
   const seen = new Set();
 
@@ -103,7 +104,8 @@
     if (fill) fill.style.width = `${(100 * p).toFixed(1)}%`;
     const bar = document.querySelector("#job-progress .bar");
     if (bar) bar.setAttribute("aria-valuenow", String(Math.round(100 * p)));
-    $("percent-text").textContent = `${Math.round(100 * p)}%`;
+    // 100% only when it is done: a running job at 99.6% still has work left
+    $("percent-text").textContent = `${s.status === "succeeded" ? 100 : Math.floor(100 * p)}%`;
     let stage = "Stopped";
     if (s.status === "queued") stage = "Waiting for a worker";
     else if (s.status === "running") stage = STAGES[s.stage] || s.stage || "Starting";

@@ -64,6 +64,8 @@ def test_features_run_learns_and_writes_a_usable_model(hymenoptera_slice, tmp_pa
     assert rec.started["counts"] == {"train": {"ants": 16, "bees": 16}, "val": {"ants": 10, "bees": 10}}
     assert {p.stage for p in rec.progress} >= {"decode", "features", "train"}
     assert all(0 <= p.fraction <= 1 for p in rec.progress)
+    fractions = [p.fraction for p in rec.progress]
+    assert fractions == sorted(fractions), "the progress bar moved backwards"
     for m in rec.epochs:
         assert m.phase == "head" and m.lr > 0 and m.images_per_s > 0 and m.seconds > 0
     assert rec.epochs[-1].eta == 0

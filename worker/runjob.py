@@ -58,6 +58,10 @@ def owned(job_id: int, attempt: int | None) -> tuple:
     return (Job.id == job_id, Job.status == JobStatus.running.value, Job.attempts == attempt)
 
 
+# Share of the progress bar for the training run; the exports (TorchScript, ONNX and its check) fill the rest.
+TRAIN_SHARE = 0.95
+
+
 class Reporter(Callbacks):
     """Engine callbacks -> rows. Batch progress is written at most every `interval` seconds; the cancel
     flag (and whether this run still owns the job) is read at most once a second. With an `attempt`, every
@@ -74,6 +78,13 @@ class Reporter(Callbacks):
         self.lost = False
         self.total_epochs = 0
         self.epochs_done = 0
+        self.shown = 0.0  # the progress last written: the bar never moves backwards
+
+    def _forward(self, fraction: float) -> float:
+        # ETA-based fractions can dip when a stage turns out slower than estimated: hold the bar instead.
+        # The training run fills TRAIN_SHARE of the bar; the exports after it fill the rest.
+        self.shown = max(self.shown, round(min(fraction, 1.0) * TRAIN_SHARE, 4))
+        return self.shown
 
     def _update(self, **values) -> None:
         if self.lost:
@@ -113,7 +124,7 @@ class Reporter(Callbacks):
         if now - self._last_write < self.interval:
             return
         self._last_write = now
-        self._update(progress=round(min(p.fraction, 0.999), 4), stage=p.stage, eta_seconds=round(p.eta, 1),
+        self._update(progress=self._forward(p.fraction), stage=p.stage, eta_seconds=round(p.eta, 1),
                      current_epoch=max(p.epoch - 1, self.epochs_done) if p.stage in ("train", "val") else 0)
 
     def on_epoch_end(self, m: EngineEpoch) -> None:
@@ -121,8 +132,8 @@ class Reporter(Callbacks):
         self.epochs_done = max(self.epochs_done, m.epoch)
         with self.S() as s:
             best = s.scalar(select(Job.best_val_acc).where(Job.id == self.job_id))
-            values = dict(current_epoch=m.epoch, eta_seconds=round(m.eta, 1), heartbeat_at=utcnow(),
-                          progress=round(min(m.elapsed / (m.elapsed + m.eta), 0.999), 4) if m.elapsed + m.eta else 0)
+            values = dict(current_epoch=m.epoch, eta_seconds=round(m.eta, 1), heartbeat_at=utcnow(), stage="train",
+                          progress=self._forward(m.elapsed / (m.elapsed + m.eta) if m.elapsed + m.eta else 0))
             if m.is_best or best is None:
                 values["best_val_acc"] = m.val_acc
             # the row first: when this run no longer owns it, nothing of this epoch is written
@@ -283,6 +294,7 @@ def _execute(job_id: int, settings: Settings) -> str:
                     return "released"
             ok = _finish(S, job_id, JobStatus.cancelled.value, "cancelled on request", attempt=attempt)
             return "cancelled" if ok else "superseded"
+        reporter._update(stage="export", progress=reporter._forward(1.0), eta_seconds=None)
         exports = _export(reporter, out, result.val_files)
         with S() as s:
             if not reporter._owns(s):

@@ -31,7 +31,7 @@ router = APIRouter(include_in_schema=False)
 SAMPLES_PER_CLASS = 4
 JOBS_ON_DASHBOARD = 100
 STAGES = {"decode": "Decoding images", "features": "Computing features", "train": "Training",
-          "val": "Validating"}
+          "val": "Validating", "export": "Exporting the model (TorchScript, ONNX)"}
 
 
 # ---------------------------------------------------------------- template helpers

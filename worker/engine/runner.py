@@ -139,20 +139,29 @@ def fingerprint(items: list[tuple[Path, int]], root: Path) -> str:
     return h.hexdigest()
 
 
+DECODE_SHARE = 0.05  # of the bar given to decoding the images, before any later stage is timed
+
+
 class _Progress:
     """Turns batch counts into BatchProgress events with elapsed time and an ETA."""
 
     def __init__(self, cb: Callbacks, t0: float, epochs: int):
         self.cb, self.t0, self.epochs = cb, t0, epochs
         self.eta = 0.0
+        self.last = 0.0  # fractions only grow
 
     def __call__(self, stage: str, epoch: int, done: int, total: int, stage_t0: float, eta_after: float = 0.0):
         now = time.perf_counter()
         rate = (now - stage_t0) / max(done, 1)
         eta = rate * (total - done) + eta_after
         elapsed = now - self.t0
-        self.cb.on_progress(BatchProgress(stage, epoch, self.epochs, done, total, elapsed, eta,
-                                          elapsed / (elapsed + eta) if elapsed + eta > 0 else 0.0))
+        fraction = elapsed / (elapsed + eta) if elapsed + eta > 0 else 0.0
+        if stage == "decode":
+            # the stages after decoding have not been timed yet, so a time-based share would overstate
+            # it (seen: 81% after decoding, then back to 42% once features were being computed)
+            fraction = DECODE_SHARE * done / max(total, 1)
+        self.last = fraction = max(self.last, fraction)
+        self.cb.on_progress(BatchProgress(stage, epoch, self.epochs, done, total, elapsed, eta, fraction))
         if self.cb.should_stop():
             raise RunStopped("stopped on request")
 

@@ -1,0 +1,495 @@
+"""A person's whole path through Graft, in a real browser (Debian's Chromium driven by Playwright),
+against a real `graft serve` on a loopback port: sign in with the printed link, upload a dataset by
+picking a folder and another by dropping a zip, train with the recommended settings while watching the
+progress bar and the charts move, read the evaluation, download the model in every format, classify a
+dropped image, cancel a queued and a running job, and read the error of a bad zip.
+
+The steps run in order and share one browser session; each saves a screenshot under
+`test-output/browser/` (or `$GRAFT_TEST_OUTPUT/browser/`). Every page is watched for console errors,
+uncaught exceptions, failed requests and error responses, and its links and images are followed.
+
+Chromium comes from Debian (`apt-get install -y chromium`; `make test` installs it when missing), never
+from `playwright install`.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from urllib.parse import urljoin, urlparse
+
+import pytest
+
+import playwright.sync_api as playwright_api
+
+ROOT = Path(__file__).resolve().parents[1]
+HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
+GRAFT = Path(sys.executable).with_name("graft")
+CHROMIUM = Path(os.environ.get("GRAFT_CHROMIUM", "/usr/bin/chromium"))
+OUT = Path(os.environ.get("GRAFT_TEST_OUTPUT", ROOT / "test-output")) / "browser"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+def _ensure_chromium() -> Path:
+    if CHROMIUM.exists():
+        return CHROMIUM
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if CHROMIUM.exists():
+        return CHROMIUM
+    msg = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slice(dst: Path, per_class: dict[str, int], offset: int) -> Path:
+    for split, n in per_class.items():
+        for cls in ("ants", "bees"):
+            src = sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[offset:offset + n]
+            assert len(src) == n
+            (dst / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in src:
+                shutil.copy2(f, dst / split / cls / f.name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def out_dir() -> Path:
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    return OUT
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`graft serve` on embedded defaults (SQLite, files, a local worker and inference service)."""
+    home = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
+    env.update(GRAFT_DATA_DIR=str(home / "data"), GRAFT_OFFLINE="1", PYTHONUNBUFFERED="1",
+               GRAFT_CACHE_DIR=str(home / "cache"))
+    log = home / "serve.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(GRAFT), "serve", "--port", str(port)], env=env, cwd=home,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    url = None
+    deadline = time.monotonic() + 90
+    import httpx
+    try:
+        while time.monotonic() < deadline:
+            if url is None:
+                m = re.search(r"(http://127\.0\.0\.1:\d+/login\?token=\S+)", log.read_text())
+                url = m.group(1) if m else None
+            if proc.poll() is not None:
+                pytest.fail("graft serve exited early:\n" + log.read_text())
+            if url:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("graft serve did not come up in 90 s:\n" + log.read_text())
+        yield {"base": f"http://127.0.0.1:{port}", "sign_in": url, "log": log, "home": home}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+class Watch:
+    """What went wrong in the browser: console errors, page exceptions, failed requests and 4xx/5xx
+    responses, minus the few a step expects (it says so with `expect`)."""
+
+    def __init__(self, page):
+        self.problems: list[str] = []
+        self.expected: list[tuple[str, str]] = []  # (method, url regex) of an expected error response
+        page.on("console", lambda m: m.type == "error" and self._console(m))
+        page.on("pageerror", lambda e: self.problems.append(f"uncaught exception: {e}"))
+        page.on("requestfailed", self._failed)
+        page.on("response", self._response)
+
+    def _console(self, m):
+        # a 4xx the step expects is also logged by Chromium as "Failed to load resource"
+        if "Failed to load resource" in m.text and self.expected:
+            return
+        self.problems.append(f"console error: {m.text} at {m.location}")
+
+    def _failed(self, req):
+        err = req.failure or ""
+        # Downloads end the navigation that started them, and Chromium cuts the live event stream
+        # when a page is left or reloaded: both are reported as aborted, neither is a failure.
+        if "ERR_ABORTED" in err and (req.url.endswith("/events") or "/model" in req.url):
+            return
+        self.problems.append(f"request failed: {req.method} {req.url}: {err}")
+
+    def _response(self, resp):
+        if resp.status < 400:
+            return
+        if any(resp.request.method == m and re.search(u, resp.url) for m, u in self.expected):
+            return
+        self.problems.append(f"{resp.status} from {resp.request.method} {resp.url}")
+
+    def expect(self, method: str, url_regex: str):
+        self.expected.append((method, url_regex))
+
+    def check(self):
+        problems, self.problems = self.problems, []
+        self.expected = []
+        assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def browser_session(server, out_dir):
+    chromium = _ensure_chromium()
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True,
+                                      base_url=server["base"])
+        context.set_default_timeout(20_000)
+        page = context.new_page()
+        page.on("dialog", lambda d: d.accept())  # "Cancel this job?" -> OK
+        watch = Watch(page)
+        # Record what the job page shows while it updates: the status, the percentage, the stage and
+        # how many epochs the charts hold, each time one of them changes.
+        trace: list[dict] = []
+        page.expose_function("graftTrace", lambda rec: trace.append(rec))
+        page.add_init_script("""
+          (() => {
+            let last = "";
+            setInterval(() => {
+              if (!/^\\/jobs\\/\\d+$/.test(location.pathname) || typeof window.graftTrace !== "function") return;
+              const txt = (id) => (document.getElementById(id) || {}).textContent || "";
+              const badge = document.querySelector("#status-badge .badge");
+              const chart = typeof Chart !== "undefined" ? Chart.getChart("acc-chart") : null;
+              const rec = { job: location.pathname, status: badge ? badge.textContent.trim() : "",
+                            percent: txt("percent-text").trim(), stage: txt("stage-text").trim(),
+                            points: chart ? chart.data.labels.length : -1,
+                            rows: document.querySelectorAll("#epoch-table tbody tr").length };
+              const key = JSON.stringify(rec);
+              if (key !== last) { last = key; rec.t = performance.now(); window.graftTrace(rec); }
+            }, 50);
+          })();
+        """)
+        state = {"page": page, "watch": watch, "trace": trace, "server": server, "out": out_dir,
+                 "context": context, "checked": set()}
+        try:
+            yield state
+        finally:
+            context.close()
+            browser.close()
+
+
+def shot(s, name: str) -> Path:
+    path = s["out"] / f"{name}.png"
+    s["page"].screenshot(path=str(path), full_page=True)
+    return path
+
+
+def check_page(s) -> None:
+    """No dead links or broken images on the current page, no horizontal overflow, nothing went wrong."""
+    page = s["page"]
+    base = s["server"]["base"]
+    links = page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))")
+    images = page.eval_on_selector_all("img[src]", "els => els.map(e => e.getAttribute('src'))")
+    for href in links + images:
+        if href.startswith(("blob:", "data:")):
+            continue  # made in the page itself (a preview of a picked file)
+        if href.startswith("#"):
+            if href != "#":
+                assert page.locator(href).count() == 1, f"link to a missing anchor {href} on {page.url}"
+            continue
+        url = urljoin(page.url, href)
+        if urlparse(url).netloc != urlparse(base).netloc:
+            pytest.fail(f"{page.url} links outside the server (closed networks have no internet): {href}")
+        path = urlparse(url).path
+        if "/login" in path or "/logout" in path or url in s["checked"]:
+            continue  # following these would sign the browser out
+        r = s["context"].request.get(url, max_redirects=0)
+        assert r.status < 400, f"dead link on {page.url}: {href} answered {r.status}"
+        s["checked"].add(url)
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"{page.url} scrolls sideways by {overflow}px at 1280px wide"
+    s["watch"].check()
+
+
+def drop_files(page, selector: str, files: list[tuple[str, bytes, str]]) -> None:
+    """Drop files on an element the way a person drags them from their desktop."""
+    payload = [{"name": n, "b64": base64.b64encode(b).decode(), "type": t} for n, b, t in files]
+    dt = page.evaluate_handle("""(files) => {
+        const dt = new DataTransfer();
+        for (const f of files) {
+          const bin = atob(f.b64); const bytes = new Uint8Array(bin.length);
+          for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+          dt.items.add(new File([bytes], f.name, { type: f.type }));
+        }
+        return dt;
+    }""", payload)
+    page.dispatch_event(selector, "dragenter", {"dataTransfer": dt})
+    page.dispatch_event(selector, "dragover", {"dataTransfer": dt})
+    page.dispatch_event(selector, "drop", {"dataTransfer": dt})
+
+
+def zip_bytes(folder: Path, wrap: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                z.write(f, f"{wrap}/{f.relative_to(folder)}")
+    return buf.getvalue()
+
+
+def wait_for_job_page(page) -> int:
+    page.wait_for_url(re.compile(r"/jobs/\d+$"))
+    return int(page.url.rsplit("/", 1)[1])
+
+
+def wait_status(page, status: str, timeout_s: float) -> None:
+    page.wait_for_function(
+        "(s) => { const b = document.querySelector('#status-badge .badge'); return b && b.textContent.trim() === s; }",
+        arg=status, timeout=timeout_s * 1000)
+
+
+# ------------------------------------------------------------------------------------------ the path
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("browser-data")
+    picked = _slice(base / "ants-and-bees", {"train": 14, "val": 8}, offset=0)
+    dropped = _slice(base / "zip-src", {"train": 10, "val": 6}, offset=30)
+    # one val image is also a train image: the doctor warns about it
+    leak = sorted((dropped / "train" / "ants").glob("*.jpg"))[0]
+    shutil.copy2(leak, dropped / "val" / "ants" / ("copy-of-" + leak.name))
+    return {"picked": picked, "dropped": dropped, "leak": leak.name}
+
+
+def test_01_sign_in_with_the_printed_link(browser_session):
+    s = browser_session
+    page = s["page"]
+    page.goto(s["server"]["sign_in"])
+    page.wait_for_url(s["server"]["base"] + "/")
+    assert page.locator("h1").inner_text() == "Dashboard"
+    assert "No jobs yet" in page.locator("main").inner_text()
+    assert "No datasets yet" in page.locator("main").inner_text()
+    shot(s, "01-dashboard-empty")
+    check_page(s)
+
+
+def test_02_upload_a_folder(browser_session, folders):
+    s = browser_session
+    page = s["page"]
+    page.locator("main").get_by_role("link", name="Upload dataset", exact=True).click()
+    page.wait_for_url("**/datasets/new")
+    shot(s, "02a-upload-page")
+    page.set_input_files("#folder-input", str(folders["picked"]))
+    picked = page.locator("#picked")
+    assert re.search(r"Folder: ants-and-bees/, 44 files", picked.inner_text()), picked.inner_text()
+    page.click("#upload-btn")
+    page.wait_for_url(re.compile(r"/datasets/\d+$"), timeout=60_000)
+    assert page.locator("h1").inner_text() == "ants-and-bees"
+    rows = {r.locator("td").nth(0).inner_text(): (r.locator("td").nth(1).inner_text(), r.locator("td").nth(2).inner_text())
+            for r in page.locator("table.classes tbody tr").all()}
+    assert rows == {"ants": ("14", "8"), "bees": ("14", "8")}
+    thumbs = page.locator("table.classes img")
+    assert thumbs.count() >= 2
+    page.wait_for_function("() => [...document.querySelectorAll('table.classes img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    assert "No jobs yet" in page.locator("main").inner_text()
+    s["ds_folder"] = page.url
+    shot(s, "02b-dataset-from-folder")
+    check_page(s)
+
+
+def test_03_upload_a_dropped_zip_and_see_its_warning(browser_session, folders):
+    s = browser_session
+    page = s["page"]
+    page.goto("/datasets/new")
+    drop_files(page, "#dropzone", [("bees-zip.zip", zip_bytes(folders["dropped"], "bees-zip"), "application/zip")])
+    assert page.locator("#picked").inner_text().startswith("Zip file: bees-zip.zip")
+    page.fill("#ds-name", "dropped zip")
+    page.click("#upload-btn")
+    page.wait_for_url(re.compile(r"/datasets/\d+$"), timeout=60_000)
+    assert page.locator("h1").inner_text() == "dropped zip"
+    warn = page.locator(".alert-warn")
+    assert warn.count() == 1 and folders["leak"] in warn.inner_text(), page.locator("main").inner_text()
+    counts = page.locator(".stats").inner_text()
+    assert "20" in counts and "13" in counts, counts  # 20 train, 12 + 1 val images
+    shot(s, "03-dataset-from-zip-with-warning")
+    check_page(s)
+
+
+def test_04_train_with_the_recommended_settings_and_watch_it(browser_session):
+    s = browser_session
+    page = s["page"]
+    page.goto(s["ds_folder"])
+    page.get_by_role("link", name="Train a model").first.click()
+    page.wait_for_url(re.compile(r"/jobs/new\?dataset_id=\d+"))
+    recommended = page.locator("input[name=strategy]:checked")
+    assert recommended.get_attribute("value") == "features"
+    assert page.locator("input[name=backbone]:checked").get_attribute("value") == "efficientnet_lite0"
+    shot(s, "04a-new-job-recommended")
+    check_page(s)
+    s["trace"].clear()
+    page.click("#job-submit")
+    job_id = wait_for_job_page(page)
+    s["job1"] = job_id
+    shot(s, "04b-job-just-started")
+    wait_status(page, "succeeded", 180)
+    page.wait_for_selector("#evaluation", timeout=20_000)  # the page reloads itself when the job ends
+    trace = [t for t in s["trace"] if t["job"] == f"/jobs/{job_id}"]
+    live = [t for t in trace if t["status"] == "running"]
+    assert live, f"the page never showed the job running: {trace}"
+    percents = [int(t["percent"].rstrip("%")) for t in live]
+    assert len(set(percents)) >= 3 and percents == sorted(percents), f"progress did not move: {percents}"
+    assert any(0 < t["points"] for t in trace if t["status"] in ("running", "succeeded")), \
+        f"the charts did not fill in while the page was live: {trace}"
+    assert {"Computing features", "Training"} & {t["stage"] for t in live}, {t["stage"] for t in live}
+    (s["out"] / "04-trace.json").write_text(json.dumps(trace, indent=1))
+
+
+def test_05_evaluation_and_downloads(browser_session):
+    s = browser_session
+    page = s["page"]
+    assert "Final results on the validation images" in page.locator("#evaluation").inner_text()
+    page.wait_for_function("() => { const i = document.getElementById('cm-png'); return i && i.complete && i.naturalWidth > 200; }")
+    mistakes = page.locator("#mistakes")
+    assert mistakes.count() == 1
+    if page.locator("#mistakes-gallery li").count():
+        page.locator("#mistakes").scroll_into_view_if_needed()
+        page.wait_for_function("() => [...document.querySelectorAll('#mistakes-gallery img')].every(i => i.complete && i.naturalWidth > 0)")
+    else:
+        assert "No mistakes" in mistakes.inner_text()
+    assert page.locator("#loss-chart").bounding_box()["height"] > 100
+    assert page.locator("#epoch-table tbody tr").count() >= 1
+    shot(s, "05a-job-succeeded-evaluation")
+    check_page(s)
+    rows = page.locator("#exports tr[data-state=ok]")
+    formats = [r.get_attribute("data-format") for r in rows.all()]
+    assert {"pytorch", "torchscript", "onnx", "model_card"} <= set(formats), formats
+    got = {}
+    for fmt in formats:
+        with page.expect_download() as dl:
+            page.locator(f"#exports tr[data-format={fmt}] a").click()
+        d = dl.value
+        path = s["out"] / "downloads" / d.suggested_filename
+        d.save_as(path)
+        got[fmt] = path
+    assert got["pytorch"].read_bytes()[:2] == b"PK" and got["torchscript"].read_bytes()[:2] == b"PK"
+    import onnx
+    onnx.checker.check_model(onnx.load(str(got["onnx"])))
+    card = json.loads(got["model_card"].read_text())
+    assert card["classes"] == ["ants", "bees"]
+    s["watch"].check()
+
+
+def test_06_classify_a_dropped_image(browser_session):
+    s = browser_session
+    page = s["page"]
+    img = sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[-1]
+    drop_files(page, "#try-drop", [(img.name, img.read_bytes(), "image/jpeg")])
+    page.wait_for_selector("#try-results .prob-top", timeout=60_000)
+    top = page.locator("#try-results .prob-top .prob-class").inner_text()
+    assert top in ("ants", "bees")
+    assert page.locator("#try-results .prob-row").count() == 2
+    assert page.locator("#try-results img").evaluate("i => i.complete && i.naturalWidth > 0")
+    page.locator("#try-it").scroll_into_view_if_needed()
+    shot(s, "06-try-it-prediction")
+    check_page(s)
+
+
+def test_07_cancel_a_queued_and_a_running_job(browser_session):
+    s = browser_session
+    page = s["page"]
+    new_job = s["ds_folder"].replace("/datasets/", "/jobs/new?dataset_id=")
+    # a job that takes a while: the whole network, many epochs
+    page.goto(new_job)
+    page.check("input[name=strategy][value=full]")
+    page.fill("input[name=epochs]", "50")
+    s["trace"].clear()
+    page.click("#job-submit")
+    running = wait_for_job_page(page)
+    wait_status(page, "running", 120)
+    # the charts move while it trains: the first epochs arrive live
+    page.wait_for_function("() => Chart.getChart('acc-chart').data.labels.length >= 1", timeout=180_000)
+    assert page.locator("#no-epochs").is_hidden()
+    shot(s, "07a-running-job-with-first-epoch")
+    # a second job waits: the one worker is busy
+    page.goto(new_job)
+    page.click("#job-submit")
+    queued = wait_for_job_page(page)
+    assert page.locator("#status-badge .badge").inner_text() == "queued"
+    assert page.locator("#stage-text").inner_text().startswith("Waiting for a worker")
+    assert page.locator("#queued-hint").is_visible()
+    shot(s, "07b-queued-job")
+    check_page(s)
+    page.click("#cancel-btn")
+    wait_status(page, "cancelled", 30)
+    page.wait_for_selector("text=This job was cancelled", timeout=20_000)
+    shot(s, "07c-queued-job-cancelled")
+    # back to the running one: cancel it too
+    page.goto(f"/jobs/{running}")
+    assert page.locator("#status-badge .badge").inner_text() == "running"
+    page.wait_for_function("() => Chart.getChart('acc-chart').data.labels.length >= 1")
+    page.click("#cancel-btn")
+    wait_status(page, "cancelled", 120)
+    page.wait_for_selector("text=This job was cancelled", timeout=20_000)
+    assert page.locator("#cancel-btn").count() == 0
+    shot(s, "07d-running-job-cancelled")
+    check_page(s)
+    trace = [t for t in s["trace"] if t["job"] == f"/jobs/{running}"]
+    points = [t["points"] for t in trace if t["status"] == "running"]
+    assert points and max(points) >= 1, trace
+
+
+def test_08_a_bad_zip_gets_a_clear_error(browser_session):
+    s = browser_session
+    page = s["page"]
+    page.goto("/datasets/new")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("notes/readme.txt", "no images here")
+    s["watch"].expect("POST", r"/api/v1/datasets$")
+    drop_files(page, "#dropzone", [("notes.zip", buf.getvalue(), "application/zip")])
+    page.click("#upload-btn")
+    err = page.locator("#upload-error")
+    err.wait_for(state="visible", timeout=30_000)
+    text = err.inner_text()
+    assert "image" in text.lower() and len(text) > 30, text
+    shot(s, "08a-bad-zip-error")
+    # not a zip at all
+    drop_files(page, "#dropzone", [("broken.zip", b"PK\x03\x04 this is not really a zip", "application/zip")])
+    page.click("#upload-btn")
+    page.wait_for_function("(t) => document.getElementById('upload-error').textContent !== t", arg=text)
+    assert "zip" in err.inner_text().lower(), err.inner_text()
+    shot(s, "08b-broken-zip-error")
+    s["watch"].check()
+    page.goto("/")
+    body = page.locator("main").inner_text()
+    assert "notes" not in body and "broken" not in body  # nothing half-written
+    assert page.locator("text=ants-and-bees").count() >= 1
+    shot(s, "08c-dashboard-with-jobs")
+    check_page(s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
 from worker.engine.spec import RunSpec
 
@@ -71,11 +71,23 @@ class JobOut(BaseModel):
     best_val_acc: float | None
     error: str | None
     cancel_requested: bool
+    attempts: int = 0  # times a worker started the job (more than 1: it was recovered after a fault)
     spec: dict[str, Any]
     result: dict[str, Any] | None
     created_at: UTCDatetime
     started_at: UTCDatetime | None
     finished_at: UTCDatetime | None
+
+
+    @field_validator("result")
+    @classmethod
+    def _lean_result(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # each val image's classes stay out of job listings (polled by the dashboard): they grow with the
+        # val set; /evaluation and /jobs/compare serve them
+        report = (v or {}).get("report")
+        if isinstance(report, dict) and ("y_true" in report or "y_pred" in report):
+            v = {**v, "report": {k: x for k, x in report.items() if k not in ("y_true", "y_pred")}}
+        return v
 
 
 class EpochMetricOut(BaseModel):

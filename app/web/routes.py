@@ -383,3 +383,32 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
         "page_data": {"id": job.id, "status": job.status, "final": job.status in FINAL_STATUSES,
                       "metrics": metrics, "total_epochs": job.total_epochs,
                       "max_predict_images": settings.max_predict_images}}, user=user)
+
+
+# ---------------------------------------------------------------- run comparison
+
+
+@router.get("/compare")
+def compare_page(request: Request, session: SessionDep, user: PageUser):
+    """Two or more succeeded jobs of one dataset side by side: /compare?ids=3,5 (or ids repeated, as the
+    dashboard's form sends them); without ids, how to pick them."""
+    from app.core.errors import AppError
+    from app.services import compare as compare_service
+
+    if user is None:
+        return sign_in_page(request)
+    ids = request.query_params.getlist("ids")
+    if not any(i.strip() for i in ids):
+        return render(request, "compare.html", {"nav": "compare", "cmp": None}, user=user)
+    try:
+        cmp = compare_service.compare(session, user, ids)
+    except NotFound as e:
+        return _not_found(request, user, f"job {(e.details or {}).get('job_id', '')}".strip())
+    except AppError as e:
+        return error_page(request, e.status, "These jobs cannot be compared", e.message[:1].upper() + e.message[1:],
+                          user)
+    page_data = {"baseline_id": cmp["baseline_id"],
+                 "jobs": [{"id": j["id"], "curves": j["curves"]} for j in cmp["jobs"]]}
+    return render(request, "compare.html", {"nav": "compare", "cmp": cmp, "page_data": page_data,
+                                            "diffs": {c["job_id"]: c for c in cmp["comparisons"]},
+                                            "cmp_points": compare_service.points}, user=user)

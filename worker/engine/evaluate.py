@@ -1,6 +1,7 @@
 """Classification metrics from true and predicted labels (numpy only, no torch)."""
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -65,13 +66,31 @@ def mistakes(probs: np.ndarray, y_true: Sequence[int], files: Sequence[str], cla
              "true_class_probability": round(float(probs[i, y_true[i]]), 4)} for i in wrong[:limit]]
 
 
+def val_set_id(files: Sequence[str]) -> str:
+    """An id of a set of val images: the start of the sha256 of their sorted relative paths. Two runs with
+    the same id were validated on the same images."""
+    return hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()[:16]
+
+
+def predictions(y_true: Sequence[int], y_pred: Sequence[int], files: Sequence[str]) -> dict:
+    """Each val image's true and predicted class index, in the order of the sorted file paths (whatever
+    order the run saw them in), with the id of that set of files: two runs on the same val images can be
+    compared image by image (a paired bootstrap). Ints only, to keep the stored report small."""
+    order = sorted(range(len(files)), key=lambda i: files[i])
+    return {"val_set": val_set_id(files), "y_true": [int(y_true[i]) for i in order],
+            "y_pred": [int(y_pred[i]) for i in order]}
+
+
 def evaluation(probs: np.ndarray, y_true: Sequence[int], files: Sequence[str], classes: Sequence[str]) -> dict:
-    """The classification report plus top-k accuracy (more than 5 classes) and the mistakes gallery."""
+    """The classification report plus top-k accuracy (more than 5 classes), the mistakes gallery and the
+    per-image predictions (see `predictions`)."""
     probs = np.asarray(probs)
-    rep = classification_report(y_true, probs.argmax(1).tolist() if len(probs) else [], classes)
+    y_pred = probs.argmax(1).tolist() if len(probs) else []
+    rep = classification_report(y_true, y_pred, classes)
     rep["top_k"] = top_k_accuracy(probs, y_true) if len(classes) > 5 else {}
     rep["mistakes"] = mistakes(probs, y_true, files, classes)
     rep["images"] = int(len(y_true))
+    rep.update(predictions(y_true, y_pred, files))
     return rep
 
 

@@ -105,7 +105,8 @@ def download_model(job_id: int, session: SessionDep, settings: SettingsDep, user
 def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> dict:
     """How good the model is on the val set: accuracy, confusion matrix (rows = true class), per-class
     precision/recall/F1/support, top-k accuracy (more than 5 classes), the most confident mistakes
-    (each with an image URL), and the exports with their ONNX parity figures."""
+    (each with an image URL), the exports with their ONNX parity figures, and each val image's true and
+    predicted class index (`y_true`, `y_pred`, in sorted file order; `val_set` identifies those files)."""
     job = service.get_owned(session, user, job_id)
     report = (job.result or {}).get("report")
     if job.status != "succeeded" or not report:

@@ -132,6 +132,11 @@ def test_two_stage_trains_head_then_body_and_resumes_across_phases(tiny_slice, t
     res = run(spec, tiny_slice, tmp_path / "a", rec)
     assert [m.phase for m in res.history] == ["head", "unfreeze", "unfreeze"]
     assert res.status == "completed" and res.model_path
+    # the bar moves forward only, and the first epoch on images already counts the one after it
+    fractions = [p.fraction for p in rec.progress]
+    assert fractions == sorted(fractions)
+    first_unfrozen = [p.fraction for p in rec.progress if p.epoch == 2 and p.stage in ("train", "val")]
+    assert first_unfrozen and max(first_unfrozen) < 0.97, first_unfrozen  # was 1.0: one epoch is left
     model, _ = load_model(res.model_path)
     ref = build_model("efficientnet_lite0", 2, pretrained=True)
     assert not torch.equal(model.body.conv_stem.weight, ref.body.conv_stem.weight)  # body trained

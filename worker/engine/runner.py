@@ -296,7 +296,7 @@ class Runner:
                     f = body(self._inputs(x))
                 out.append(f.float().cpu())
                 done += len(x)
-                progress("features", 0, done, total, stage_t0)
+                progress("features", 0, done, total, stage_t0, self._eta_after_features(done, stage_t0))
         feats = torch.cat(out)
         if path is not None:
             atomic_save(feats, path)
@@ -416,6 +416,7 @@ class Runner:
                 opt.step()
             sched.step()
             seen += n
+            self.image_seconds = (time.perf_counter() - t) / seen  # per train image, until epochs are timed
             progress("train", epoch, b + 1, len(loader), t, self._eta_after_epoch(epoch))
         return loss_sum / seen, correct / seen, seen, time.perf_counter() - t
 
@@ -473,8 +474,16 @@ class Runner:
             for x in x_all.split(self._micro()):
                 with self._autocast():
                     out.append(self.model(self._inputs(x)).float().cpu())
-            progress("val", epoch, b + 1, len(loader), t)
+            progress("val", epoch, b + 1, len(loader), t, self._eta_after_epoch(epoch))
         return torch.cat(out)
+
+    def _eta_after_features(self, done: int, stage_t0: float) -> float:
+        """Estimated seconds for all epochs, from the forward speed measured while computing features: an
+        epoch on images costs about 3 forward passes per train image and one per val image."""
+        per_image = (time.perf_counter() - stage_t0) / max(done, 1)
+        n_train, n_val = len(self.split.train), len(self.split.val)
+        return sum(p.epochs * (0.05 if p.backbone_frozen else (3 * n_train + n_val) * per_image)
+                   for p in self.phases)
 
     def _eta_after_epoch(self, epoch: int) -> float:
         """Estimated seconds for the epochs after `epoch`."""
@@ -494,6 +503,9 @@ class Runner:
         if phase.backbone_frozen:
             return 0.05
         # forward+backward costs about 3x a forward pass; the val pass is one forward
+        per_image = getattr(self, "image_seconds", None)
+        if per_image:  # measured on the first epoch's batches
+            return (len(self.train_idx) + len(self.val_idx) / 3) * per_image
         rate = getattr(self, "feature_rate", None)
         if rate:
             return (3 * len(self.train_idx) + len(self.val_idx)) / rate

@@ -27,8 +27,11 @@ test: setup chromium
 run: setup
 	$(BIN)/graft serve --host $(HOST) --port $(PORT)
 
+# every benchmark of docs/benchmarks.md (about 30 minutes on 2 quiet cores); e.g. BENCH_ARGS=--append-docs
+# to add a dated section to the docs, or BENCH_ARGS=--quick to check the script in a few minutes
+BENCH_ARGS ?=
 bench: setup
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,7 +2,9 @@
 """The web tier under load while a training job runs on the same machine.
 
     .venv/bin/python bench/load.py [--epochs 10] [--image-size 128] [--wrk-seconds 20] [--connections 16]
-                                   [--sse-clients 100] [--append-docs]
+                                   [--sse-clients 100] [--append-docs] [--json]
+
+(bench/run.py runs it as its `load` part, with --json; the server helpers are in bench/_common.py.)
 
 1. `graft serve` (web app + worker + inference service) on a loopback port over a fresh data directory,
    a token from `graft token create` on the same directory;
@@ -22,56 +24,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import io
+import json
 import os
-import platform
 import re
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-GRAFT = Path(sys.executable).with_name("graft")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode} before {url} came up")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"{url} did not come up in {timeout:.0f} s")
-
-
-def dataset_zip(data: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for f in sorted(data.rglob("*")):
-            if f.is_file():
-                zf.write(f, f"{data.name}/{f.relative_to(data)}")
-    return buf.getvalue()
+from _common import (DATASETS, ROOT, Serve, command_line, cpu_name, dataset_zip, descendants,  # noqa: E402
+                     exit_on_sigterm, gpu_note, loadavg, python_speed)
 
 
 # ---------------------------------------------------------------- SSE clients
@@ -145,21 +113,6 @@ def parse_wrk(text: str) -> dict:
     return out
 
 
-def descendants(pid: int) -> list[tuple[int, str]]:
-    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-eo", "pid,ppid,args", "--no-headers"],
-                                                            capture_output=True, text=True).stdout.splitlines()]
-    children = {}
-    for r in rows:
-        if len(r) == 3:
-            children.setdefault(int(r[1]), []).append((int(r[0]), r[2]))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child[0])
-    return out
-
-
 def nice_of_worker(serve_pid: int) -> int | None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -183,32 +136,12 @@ def renice_worker(serve_pid: int, n: int) -> None:
     raise SystemExit("no worker process found under graft serve")
 
 
-def python_speed() -> float:
-    """Seconds for a fixed pure-Python loop: this (virtual) machine's speed varies from hour to hour, and the
-    web tier's requests/s with it."""
-    t = time.perf_counter()
-    s = 0
-    for i in range(5_000_000):
-        s += i
-    return time.perf_counter() - t
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 # ---------------------------------------------------------------- main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "hymenoptera")
+    ap.add_argument("--data", type=Path, default=DATASETS / "hymenoptera")
     ap.add_argument("--strategy", default="full")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--image-size", type=int, default=128)
@@ -220,31 +153,23 @@ def main() -> None:
     ap.add_argument("--worker-nice", type=int, default=0,
                     help="experiment: set the nice value of the worker process tree (training) after start")
     ap.add_argument("--append-docs", action="store_true", help="append the results to docs/benchmarks.md")
+    ap.add_argument("--json", action="store_true",
+                    help="also print the results as one JSON line, last on stdout (bench/run.py reads it)")
     a = ap.parse_args()
+    exit_on_sigterm()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
     if not a.data.is_dir():
         raise SystemExit(f"no data at {a.data}")
 
-    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    load_before = loadavg()
     speed_before = python_speed()
-    work = Path(tempfile.mkdtemp(prefix="graft-load-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
-    env.update(GRAFT_DATA_DIR=str(work / "data"), GRAFT_OFFLINE="1")
-    token = subprocess.run([str(GRAFT), "token", "create", "--name", "load"], env=env, check=True,
-                           capture_output=True, text=True, cwd=work).stdout.strip().splitlines()[-1]
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(work / "serve.log", "w")
-    serve = subprocess.Popen([str(GRAFT), "serve", "--port", str(port)], env=env, cwd=work, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"{base}/healthz", serve)
+    srv = Serve("load", keep=True)
+    with srv:
+        serve, base, token, http = srv.proc, srv.base, srv.token, srv.http
         if a.worker_nice:
             renice_worker(serve.pid, a.worker_nice)
         worker_nice = nice_of_worker(serve.pid)
-        headers = {"Authorization": f"Bearer {token}"}
-        http = httpx.Client(base_url=base, headers=headers, timeout=120)
         r = http.post("/api/v1/datasets", files={"file": (f"{a.data.name}.zip", dataset_zip(a.data),
                                                           "application/zip")})
         r.raise_for_status()
@@ -299,15 +224,6 @@ def main() -> None:
         lags = [max(c.epoch_times[i] for c in complete) - min(c.epoch_times[i] for c in complete)
                 for i in stored] if complete and stored else []
         metrics = http.get(f"/api/v1/jobs/{job_id}/metrics").json()
-        http.close()
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-        log.close()
-
     cores = os.cpu_count()
     speed_after = python_speed()
     ok_rate = all(w["rps"] >= 200 and w["non_2xx"] == 0 and not w["errors"] and w["training"] for w in windows)
@@ -319,24 +235,24 @@ def main() -> None:
         f"| {i + 1} | **{w['rps']:.0f}** | {w['p50']:.1f} | {w['p90']:.1f} | **{w['p99']:.1f}** | {w['requests']} "
         f"| {w['non_2xx']}{'; ' + w['errors'] if w['errors'] else ''} | {w['epochs']}{'' if w['training'] else ' (ended)'} |"
         for i, w in enumerate(windows))
-    md = f"""
-## Issue 5: load while training, {dt.date.today().isoformat()}
-
-- Machine: {cores} CPU cores ({cpu_name()}), no GPU, shared with other work (load average {load_before}
-  before the run).
+    device = (job.get("result") or {}).get("device", "?")
+    body = f"""- Machine: {cores} CPU cores ({cpu_name()}), {gpu_note(device)}, shared with other work (load average
+  {load_before} before the run).
 - Its speed varies from hour to hour: a fixed pure-Python loop took {speed_before:.2f} s before the run and
   {speed_after:.2f} s after it.
 - All on it at once: `graft serve` (one uvicorn web process, one worker, the inference service) over
   SQLite, the training job, wrk and {a.sse_clients} SSE clients.
 - The worker ran at nice {worker_nice} ({"set by --worker-nice" if a.worker_nice else "as `graft serve` starts it"}),
   the rest at nice 0.
-- The job: hymenoptera ({ds['num_images']} images), strategy `{a.strategy}`, {a.epochs} epochs at image size
-  {a.image_size}, early stopping off; it took {job_s:.0f} s ({ips:.1f} train images/s on average while
-  loaded) and {job['status']}.
+- The job: {a.data.name} ({ds['num_images']} images), strategy `{a.strategy}`, {a.epochs} epochs at image size
+  {a.image_size}, early stopping off, on {device}; it took {job_s:.0f} s ({ips:.1f} train images/s on average
+  while loaded) and {job['status']}.
+- `graft serve` stopped {"cleanly" if srv.stopped.get("clean") else "NOT cleanly"} on SIGTERM afterwards
+  ({srv.stopped.get("seconds")} s, exit status {srv.stopped.get("rc")}).
 
 Command:
 
-    .venv/bin/python bench/load.py{f' --worker-nice {a.worker_nice}' if a.worker_nice else ''}{' --append-docs' if a.append_docs else ''}
+    {command_line()}
 
 which, with the SSE clients connected and once the job is training, runs {a.wrk_runs} times back to back:
 
@@ -358,14 +274,28 @@ Targets: at least 200 requests/s on the status endpoint while training, p99 repo
 (every wrk run); {a.sse_clients} concurrent SSE clients on one job, all receiving every epoch event:
 **{'met' if ok_sse else 'NOT met'}**.
 """
+    md = f"\n## Issue 5: load while training, {dt.date.today().isoformat()}\n\n{body}"
     print(md)
     if a.append_docs:
         with open(ROOT / "docs" / "benchmarks.md", "a") as f:
             f.write(md)
-    if not (ok_rate and ok_sse):
-        print(f"targets not met: the server log and data are kept in {work}", file=sys.stderr)
+    ok = ok_rate and ok_sse
+    if a.json:
+        print(json.dumps({"when": dt.datetime.now().isoformat(timespec="seconds"), "command": command_line(),
+                          "md_body": body, "ok_rate": ok_rate, "ok_sse": ok_sse, "windows": windows,
+                          "sse": {"clients": len(clients), "complete": len(complete), "stored": len(stored),
+                                  "expected": a.epochs, "errors": errors, "connect_s": round(connect_s, 2),
+                                  "max_spread_ms": round(max(lags) * 1000, 1) if lags else None},
+                          "job": {"status": job["status"], "seconds": round(job_s, 1), "device": device,
+                                  "train_images_per_s": round(ips, 2), "strategy": a.strategy,
+                                  "epochs": a.epochs, "image_size": a.image_size, "images": ds["num_images"]},
+                          "worker_nice": worker_nice, "stopped": srv.stopped, "wrk_command": shown_cmd,
+                          "loadavg_before": load_before, "python_speed_before_s": round(speed_before, 3),
+                          "python_speed_after_s": round(speed_after, 3)}))
+    if not ok:
+        print(f"targets not met: the server log and data are kept in {srv.work}", file=sys.stderr)
         sys.exit(1)
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(srv.work, ignore_errors=True)
 
 
 if __name__ == "__main__":

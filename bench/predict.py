@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--single", type=int, default=60)
     a = ap.parse_args()
+    # bench/run.py's timeout sends SIGTERM: stop the servers below (finally) instead of leaving them behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     from app.cli import run_migrations
     from app.core.settings import Settings
@@ -153,6 +156,7 @@ def main() -> None:
           f"| single image through the API, p50 / p95 | {out['single_image_ms']['p50']} / "
           f"{out['single_image_ms']['p95']} ms (n={len(lat)}) |")
     print(json.dumps(out))
+    shutil.rmtree(work, ignore_errors=True)  # the trained model and its database
 
 
 if __name__ == "__main__":

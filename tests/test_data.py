@@ -63,6 +63,27 @@ def test_discover_train_and_val(tmp_path):
     assert s.rel(s.val[0][0]) == str(Path("val") / "cats" / "img00.jpg")
 
 
+def test_discover_follows_links_to_images_for_local_runs_only(tmp_path):
+    """A dataset of symbolic links (a common way to build splits) trains from the command line; the web
+    tier's checks of uploads (follow_links=False) never follow one, and their error says why."""
+    store = tmp_path / "store"
+    originals = _class_dir(store / "cats", 2) + _class_dir(store / "dogs", 2, ext=".png")
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for src in originals:
+            dst = data / split / src.parent.name / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src)
+    s = discover(data)
+    assert s.counts() == {"train": {"cats": 2, "dogs": 2}, "val": {"cats": 2, "dogs": 2}}
+    assert not any("link" in w for w in s.warnings)
+    with pytest.raises(DataError, match=r"no training images: cats, dogs \(8 symbolic link\(s\) were not followed"):
+        discover(data, follow_links=False)
+    # a link to something that is not an image file is never taken
+    (data / "train" / "cats" / "dir-link.jpg").symlink_to(store)
+    assert discover(data).counts()["train"]["cats"] == 2
+
+
 def test_discover_accepts_other_split_names_and_warns_on_extra_val(tmp_path):
     _class_dir(tmp_path / "Training" / "a", 2)
     _class_dir(tmp_path / "Training" / "b", 2)

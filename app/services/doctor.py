@@ -192,7 +192,7 @@ def examine(folder: Path, settings: Settings) -> DataSplit:
         refuse(problems)
 
     try:
-        split = discover(folder)
+        split = discover(folder, follow_links=False)
     except DataError as e:  # said in the upload's own terms, without the server's paths
         msg = str(e).replace(str(folder) + os.sep, "").replace(str(folder), "the upload")
         what, _, fix = msg.partition(": ")

@@ -48,7 +48,7 @@ def _train_images(folder: Path) -> dict[int, list[Path]]:
             _train_lists.move_to_end(key)
             return _train_lists[key]
     try:
-        split = discover(folder)
+        split = discover(folder, follow_links=False)
     except DataError as e:
         raise NotFound(f"the dataset's files cannot be read any more: {e}") from None
     by: dict[int, list[Path]] = {}

@@ -58,14 +58,22 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS
 
 
-def _images_in(d: Path, ignored: list[Path]) -> list[Path]:
-    """Image files under a class folder (nested folders included), junk skipped."""
+def _images_in(d: Path, ignored: list[Path], follow_links: bool = False) -> list[Path]:
+    """Image files under a class folder (nested folders included), junk skipped. A symbolic link to an
+    image file counts only with `follow_links` (a local run; never an upload); otherwise it is ignored and
+    listed, so that an error can say why a class looks empty."""
     out = []
     for dirpath, dirnames, filenames in os.walk(d, followlinks=False):
         dirnames[:] = sorted(n for n in dirnames if not _is_junk(Path(n)))
         for n in sorted(filenames):
             p = Path(dirpath) / n
-            if _is_junk(p) or p.is_symlink():
+            if _is_junk(p):
+                continue
+            if p.is_symlink():
+                if not (follow_links and p.is_file() and _is_image(p)):
+                    ignored.append(p)
+                    continue
+                out.append(p)
                 continue
             (out if _is_image(p) else ignored).append(p)
     return out
@@ -93,8 +101,8 @@ def _class_dirs(d: Path) -> list[Path]:
     return [p for p in _visible(d) if p.is_dir()]
 
 
-def _collect(split_dir: Path, ignored: list[Path]) -> dict[str, list[Path]]:
-    return {c.name: _images_in(c, ignored) for c in _class_dirs(split_dir)}
+def _collect(split_dir: Path, ignored: list[Path], follow_links: bool = False) -> dict[str, list[Path]]:
+    return {c.name: _images_in(c, ignored, follow_links) for c in _class_dirs(split_dir)}
 
 
 def stratified_split(per_class: dict[str, list[Path]], fraction: float, seed: int
@@ -125,7 +133,7 @@ class Folders:
     ignored: list[Path]  # non-image files inside class folders
 
 
-def read_folders(data_dir: str | Path) -> Folders:
+def read_folders(data_dir: str | Path, follow_links: bool = False) -> Folders:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir} is not a folder: give the folder that holds train/ and val/ "
@@ -139,19 +147,21 @@ def read_folders(data_dir: str | Path) -> Folders:
     val_pc = None
     loose: list[Path] = []
     if train_dir is not None:
-        train_pc = _collect(train_dir, ignored)
+        train_pc = _collect(train_dir, ignored, follow_links)
         if val_dirs:
-            val_pc = _collect(val_dirs[0], ignored)
+            val_pc = _collect(val_dirs[0], ignored, follow_links)
     elif not val_dirs:
-        train_pc = _collect(root, ignored)
+        train_pc = _collect(root, ignored, follow_links)
         loose = [p for p in _visible(root) if p.is_file() and _is_image(p)]
     return Folders(root, notes, train_dir, val_dirs, train_pc, val_pc, loose, ignored)
 
 
-def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> DataSplit:
+def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0,
+             follow_links: bool = True) -> DataSplit:
     """Read a dataset folder: `train/<class>` + `val/<class>`, `train/<class>` only, or `<class>/` only
-    (the last two get a stratified, seeded val split), optionally inside one wrapping folder."""
-    f = read_folders(data_dir)
+    (the last two get a stratified, seeded val split), optionally inside one wrapping folder. Symbolic links
+    to image files are followed unless `follow_links` is off (the web tier's checks of uploads)."""
+    f = read_folders(data_dir, follow_links)
     root, warnings, ignored = f.root, list(f.notes), f.ignored
     train_dir, val_dirs = f.train_dir, f.val_dirs
 
@@ -184,9 +194,13 @@ def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
             f"found {len(classes)} class folder(s) in {root}{' (' + ', '.join(classes) + ')' if classes else ''}: "
             "a classifier needs at least 2, one sub-folder per class with its images inside"
         )
+    links = [p for p in ignored if p.is_symlink()]
+    ignored = [p for p in ignored if not p.is_symlink()]
     empty = [c for c in classes if not train_pc[c]]
     if empty:
-        raise DataError(f"class folder(s) with no training images: {', '.join(empty)}: "
+        why = (f" ({len(links)} symbolic link(s) were not followed, e.g. {links[0].name}: copy the images "
+               "themselves, e.g. with cp -rL)") if links else ""
+        raise DataError(f"class folder(s) with no training images: {', '.join(empty)}{why}: "
                         "add images (jpg, png, bmp, gif, webp, tif) or remove the folder")
     unknown = sorted(set(val_pc) - set(classes))
     if unknown:
@@ -195,6 +209,9 @@ def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
     missing_val = [c for c in classes if not val_pc.get(c)]
     if missing_val:
         warnings.append(f"no val images for class(es) {', '.join(missing_val)}: their accuracy cannot be measured")
+    if links:
+        warnings.append(f"did not follow {len(links)} symbolic link(s), e.g. {links[0].name}: copy the images "
+                        "themselves")
     if ignored:
         shown = ", ".join(p.name for p in ignored[:5])
         warnings.append(f"ignored {len(ignored)} non-image file(s): {shown}{'...' if len(ignored) > 5 else ''}")

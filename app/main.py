@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.routes import backbones, compare, datasets, health, jobs
+from app.api.routes import backbones, compare, datasets, health, jobs, probe
 from app.core.errors import AppError
 from app.core.settings import Settings, get_settings
 from app.db.session import session_factory
@@ -152,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(500, "internal", "internal error: the server log has the details")
 
     # compare before jobs: its /api/v1/jobs/compare would otherwise match /api/v1/jobs/{job_id}
-    for r in (health.router, backbones.router, datasets.router, compare.router, jobs.router):
+    for r in (health.router, backbones.router, datasets.router, compare.router, probe.router, jobs.router):
         app.include_router(r)
     from app.web.routes import router as web_router
 

@@ -267,13 +267,18 @@ def _execute(job_id: int, settings: Settings) -> str:
             add_event(s, job_id, "message", {"message": f"attempt {attempt} of {settings.max_attempts}"})
         s.commit()
         dataset = s.get(Dataset, job.dataset_id)
-        spec_data, data_rel = dict(job.spec), dataset.path
+        spec_data, data_rel, kind = dict(job.spec), dataset.path, job.kind
 
     out = settings.runs_dir / str(job_id)
     reporter = Reporter(S, job_id, settings.progress_interval_s, attempt=attempt)
     heartbeat = Heartbeat(reporter, settings.heartbeat_every_s)
     heartbeat.start()
     try:
+        if kind == "probe":  # a backbone comparison (worker.probejob)
+            from worker.probejob import run_probe
+
+            return run_probe(S, job_id, attempt, reporter, heartbeat, spec_data, settings.data_dir / data_rel,
+                             settings)
         try:
             spec = RunSpec(**spec_data)
             result = run(spec, settings.data_dir / data_rel, out, reporter,

@@ -62,6 +62,7 @@ class JobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int
     dataset_id: int
+    kind: str = "train"  # "train", or "probe" (a backbone comparison: spec is a ProbeSpec)
     status: str
     progress: float
     stage: str | None

@@ -92,6 +92,8 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
     # times a worker started the job (the claim counts it); identifies the run that owns a 'running' row
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # "train": a training run (spec is a RunSpec); "probe": a backbone comparison (spec is a ProbeSpec)
+    kind: Mapped[str] = mapped_column(String(16), default="train", server_default="train")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)

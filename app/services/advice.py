@@ -1,15 +1,13 @@
-"""Plain-words advice for the new-job form: which strategy suits a dataset of this size. Torch-free.
+"""Plain-words advice for the new-job form: which strategy suits a dataset. Torch-free.
 
-The rule follows how much data each class has: with little, only a new final layer can be trained
-without overfitting; with more, adjusting the pretrained network pays off, first gently (two_stage),
-then, with plenty, all of it from the start (full).
+The rules live in worker.engine.advice (the CLI uses them too): they follow how much data each class has and,
+once a backbone comparison has measured it, how far the images are from everyday photos. This module adds
+what each strategy does, in words for the pages.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-FEATURES_MAX_PER_CLASS = 150
-TWO_STAGE_MAX_PER_CLASS = 1000
+from worker.engine.advice import (FEATURES_MAX_PER_CLASS, MEASURE_HINT, TWO_STAGE_MAX_PER_CLASS,  # noqa: F401
+                                  Advice, classify_domain, recommend_strategy)
 
 # What each strategy does, for people who do not train networks for a living.
 STRATEGIES: dict[str, dict[str, str]] = {
@@ -39,39 +37,3 @@ STRATEGIES: dict[str, dict[str, str]] = {
         "when": "Large datasets (over a thousand images per class).",
     },
 }
-
-
-@dataclass(frozen=True)
-class Advice:
-    strategy: str
-    reason: str
-    epochs: int
-    per_class: float  # average train images per class
-    smallest: int  # train images of the smallest class
-
-
-def recommend_strategy(counts: dict) -> Advice:
-    """`counts` is a dataset's {"train": {class: n}, "val": {class: n}} (or just {class: n} of train)."""
-    train = counts.get("train", counts) if isinstance(counts, dict) else {}
-    sizes = [int(v) for v in train.values() if isinstance(v, (int, float))] or [0]
-    per_class = sum(sizes) / len(sizes)
-    smallest = min(sizes)
-    shown = f"{per_class:.0f}"
-    if per_class <= FEATURES_MAX_PER_CLASS:
-        strategy, epochs = "features", 10
-        reason = (f"Your classes have about {shown} training images each. That is too few to adjust the "
-                  "pretrained network itself without it memorising the pictures, so training only a new final "
-                  "layer is the most reliable choice, and the fastest.")
-    elif per_class <= TWO_STAGE_MAX_PER_CLASS:
-        strategy, epochs = "two_stage", 10
-        reason = (f"Your classes have about {shown} training images each: enough to adjust the network a "
-                  "little after the new final layer has learned. Doing it in two stages keeps the pretrained "
-                  "knowledge intact at the start.")
-    else:
-        strategy, epochs = "full", 10
-        reason = (f"Your classes have about {shown} training images each: plenty to adjust every layer of the "
-                  "network to your images, which gives the best accuracy.")
-    if smallest < 10:
-        reason += (f" Note: the smallest class has only {smallest} training image{'s' if smallest != 1 else ''}; "
-                   "add more if you can, results on it will be unreliable.")
-    return Advice(strategy, reason, epochs, per_class, smallest)

@@ -317,9 +317,12 @@ def delete(session: Session, settings: Settings, user: User, dataset_id: int) ->
                                                                       Job.status.not_in(FINAL_STATUSES)))
     if active:
         raise Conflict(f"dataset {ds.id} is used by {active} queued or running job(s): cancel them first")
-    used = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == ds.id))
+    used = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == ds.id, Job.kind != "probe"))
     if used:
         raise Conflict(f"dataset {ds.id} has {used} job(s) whose models came from it: delete those jobs first")
+    for probe in session.scalars(select(Job).where(Job.dataset_id == ds.id)):  # backbone comparisons: no model
+        session.delete(probe)
+    session.flush()
     folder = settings.data_dir / Path(ds.path).parts[0] / Path(ds.path).parts[1]
     session.delete(ds)
     session.commit()

@@ -20,7 +20,8 @@ from app.services import auth
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
 from app.services import thumbs
-from app.services.advice import STRATEGIES, recommend_strategy
+from app.services.advice import STRATEGIES
+from app.web import probe as probe_pages
 from worker.engine.catalog import CATALOG
 from worker.engine.spec import DEFAULT_LR, RunSpec
 
@@ -30,7 +31,8 @@ router = APIRouter(include_in_schema=False)
 
 SAMPLES_PER_CLASS = 4
 JOBS_ON_DASHBOARD = 100
-STAGES = {"decode": "Decoding images", "features": "Computing features", "train": "Training",
+STAGES = {"decode": "Decoding images", "features": "Computing features", "probe": "Fitting linear classifiers",
+          "advise": "Measuring how far the images are from ImageNet", "train": "Training",
           "val": "Validating", "export": "Exporting the model (TorchScript, ONNX)"}
 
 
@@ -263,7 +265,7 @@ def dataset_page(dataset_id: str, request: Request, session: SessionDep, user: P
     return render(request, "dataset.html", {
         "nav": "dataset", "ds": ds, "rows": rows, "largest": largest, "jobs": jobs,
         "train_total": sum(r["train"] for r in rows), "val_total": sum(r["val"] for r in rows),
-        "advice": recommend_strategy(ds.counts), "strategies": STRATEGIES}, user=user)
+        "strategies": STRATEGIES, **probe_pages.dataset_context(session, user, ds)}, user=user)
 
 
 @router.get("/datasets/{dataset_id}/samples/{class_index}/{n}.jpg")
@@ -292,7 +294,7 @@ def _backbones() -> list[dict]:
 
 
 @router.get("/jobs/new")
-def job_new(request: Request, session: SessionDep, user: PageUser, dataset_id: str = ""):
+def job_new(request: Request, session: SessionDep, user: PageUser, dataset_id: str = "", backbone: str = ""):
     if user is None:
         return sign_in_page(request)
     datasets = session.scalars(select(Dataset).where(Dataset.owner_id == user.id).order_by(Dataset.id.desc())).all()
@@ -303,14 +305,15 @@ def job_new(request: Request, session: SessionDep, user: PageUser, dataset_id: s
         return _not_found(request, user, f"dataset {dataset_id}")
     backbones = _backbones()
     available = [b["name"] for b in backbones if b["available"]]
-    default_backbone = RunSpec.model_fields["backbone"].default
+    probe = probe_pages.dataset_context(session, user, ds)  # the advice, measured when a probe has run
+    default_backbone = backbone or probe["best_backbone"] or RunSpec.model_fields["backbone"].default
     if default_backbone not in available:
         default_backbone = available[0] if available else ""
-    advice = recommend_strategy(ds.counts)
     defaults = RunSpec()
     return render(request, "job_new.html", {
         "nav": "job_new", "ds": ds, "datasets": datasets, "backbones": backbones,
-        "default_backbone": default_backbone, "advice": advice, "strategies": STRATEGIES,
+        "default_backbone": default_backbone, "advice": probe["advice"], "strategies": STRATEGIES,
+        "best_backbone": probe["best_backbone"],
         "defaults": defaults, "default_lr": DEFAULT_LR,
         "train_total": sum(int(v) for v in ds.counts.get("train", {}).values())}, user=user)
 
@@ -357,6 +360,8 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
     job = _owned(job_service.get_owned, session, user, job_id)
     if job is None:
         return _not_found(request, user, f"job {job_id}")
+    if job.kind == "probe":
+        return probe_pages.job_page(request, job, user)
     metrics = [_metric_dict(m) for m in session.scalars(
         select(EpochMetric).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch))]
     best_epoch = max((m["epoch"] for m in metrics if m["is_best"]), default=None)  # the saved one

@@ -1,4 +1,4 @@
-"""Engine commands of the `graft` CLI: train, backbones, weights import, predict.
+"""Engine commands of the `graft` CLI: train, probe, backbones, weights import, predict, export.
 
 Importing this module must stay cheap and torch-free (the web image has no torch): every command
 imports the engine inside its body.
@@ -87,6 +87,83 @@ def train(
         cb.print_summary(result)
     if result.status == "stopped":
         raise typer.Exit(1)
+
+
+def probe(
+    data_dir: Path = typer.Argument(..., help="Folder with train/ and val/ (or train/ only, or class folders)."),
+    backbones: Optional[str] = typer.Option(None, help="Comma-separated backbones (default: every one whose "
+                                                       "pretrained weights are on this machine)."),
+    advise: bool = typer.Option(False, "--advise", help="Also measure how far the images are from ImageNet (a "
+                                                        "short fine-tune on a sample) and recommend a strategy."),
+    random_init: bool = typer.Option(False, "--random-init", help="Also probe each backbone from random weights "
+                                                                  "(a baseline: what pretraining is worth)."),
+    image_size: Optional[int] = typer.Option(None, help="Input size (default: each backbone's)."),
+    seed: int = typer.Option(0),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default $GRAFT_CACHE_DIR or ~/.cache/graft)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line (last line of stdout)."),
+) -> None:
+    """Rank backbones on a dataset: frozen features (cached: `graft train --strategy features` reuses them), a
+    linear classifier on them, val accuracy, time and model size."""
+    from pydantic import ValidationError
+
+    from .errors import GraftError
+    from .spec import ProbeSpec
+
+    try:
+        spec = ProbeSpec(backbones=[b for b in backbones.split(",")] if backbones else None, advise=advise,
+                         random_init=random_init, image_size=image_size, seed=seed)
+    except ValidationError as e:
+        _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
+                        for err in e.errors()))
+    from .probe import probe as run_probe
+    from .progress import RichCallbacks
+
+    cb = RichCallbacks(quiet=False)
+    try:
+        with cb:
+            result = run_probe(data_dir, spec, None if no_cache else (cache_dir or default_cache_dir()), cb,
+                               device=device)
+    except GraftError as e:
+        _fail(str(e))
+    out = result.to_dict()
+    if advise:
+        from .advice import recommend_strategy
+
+        out["advice"] = recommend_strategy(result.counts, result.measured).to_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        _print_leaderboard(out)
+    if result.status == "stopped" or not any(r.get("error") is None for r in result.rows):
+        raise typer.Exit(1)
+
+
+def _print_leaderboard(out: dict) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    c = Console()
+    t = Table(title=f"Backbones ranked by val accuracy of a linear probe ({out['seconds']:.1f}s on {out['device']})")
+    for col in ("rank", "backbone", "val acc", "val loss", "time", "features", "params", "size"):
+        t.add_column(col, justify="left" if col == "backbone" else "right")
+    for r in out["rows"]:
+        name = r["backbone"] + ("" if r.get("pretrained", True) else " (random init)")
+        if r.get("error"):
+            t.add_row("-", escape(name), f"[red]failed[/]: {escape(r['error'][:80])}", "", "", "", "", "")
+            continue
+        t.add_row(str(r["rank"]), escape(name), f"{100 * r['val_acc']:.1f}%", f"{r['val_loss']:.3f}",
+                  f"{r['seconds']:.1f}s", "cached" if r["cached"] else f"{r['feature_seconds']:.1f}s",
+                  f"{r['params'] / 1e6:.1f}M", f"{r['size_mb']:.1f} MB")
+    c.print(t)
+    m, a = out.get("measured"), out.get("advice")
+    if a:
+        c.print(f"[bold]Recommended strategy: {a['strategy']}[/]")
+        c.print(escape(a["reason"]))
+    elif m is None:
+        c.print("[dim]--advise also recommends a training strategy[/]")
 
 
 def backbones(as_json: bool = typer.Option(False, "--json")) -> None:
@@ -188,6 +265,7 @@ def register(app: typer.Typer) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     app.command()(train)
     app.command()(backbones)
+    app.command()(probe)
     app.command()(predict)
     app.command()(export)
     app.add_typer(weights_app, name="weights")

@@ -8,7 +8,8 @@ from rich.table import Table
 
 from .callbacks import BatchProgress, Callbacks, EpochMetric
 
-STAGES = {"decode": "decoding images", "features": "computing features", "train": "training", "val": "validating"}
+STAGES = {"decode": "decoding images", "features": "computing features", "train": "training", "val": "validating",
+          "probe": "fitting linear classifiers", "advise": "measuring how far the images are from ImageNet"}
 
 
 class RichCallbacks(Callbacks):

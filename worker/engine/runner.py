@@ -280,6 +280,7 @@ class Runner:
                     feats = torch.load(path, map_location="cpu", weights_only=True)
                     if feats.shape == (len(idx), self.model.num_features):
                         progress("features", 0, done_before + len(idx), total, stage_t0)
+                        self.cache_hits += 1
                         return feats
                 except Exception:  # a corrupt cache entry is recomputed
                     log.warning("ignoring unreadable feature cache %s", path)
@@ -307,6 +308,7 @@ class Runner:
         preset = "eval" if self.spec.augment == "none" else self.spec.augment
         total = len(self.train_idx) * views + len(self.val_idx)
         t = time.perf_counter()
+        self.cache_hits = 0
         self.val_feats = self._extract(self.val_idx, self.val_labels, "eval", 0, progress, t, 0, total)
         self.train_feats = [
             self._extract(self.train_idx, self.train_labels, preset, v, progress, t,
@@ -315,6 +317,61 @@ class Runner:
         ]
         self.feature_seconds = time.perf_counter() - t
         self.feature_rate = total / max(self.feature_seconds, 1e-9)
+        self.features_from_cache = self.cache_hits == views + 1
+        if self.cache_hits:
+            self.cb.on_message(f"features of {self.cache_hits} of {views + 1} image sets read from the cache")
+
+    def _features_from_cache(self, progress: _Progress) -> bool:
+        """Every feature part in the cache under the keys of a run where every image was readable: take them
+        and skip decoding altogether (the keys fingerprint each file's name, size and mtime). False, and
+        nothing changed, when one part is missing; then decoding finds out which images are readable."""
+        if self.cache_dir is None or not self.split.val or not self.split.train:
+            return False
+        views = 1 if self.spec.augment == "none" else self.spec.feature_views
+        preset = "eval" if self.spec.augment == "none" else self.spec.augment
+        self.items = self.split.train + self.split.val
+        n_train = len(self.split.train)
+        train_idx, val_idx = list(range(n_train)), list(range(n_train, len(self.items)))
+        parts = [("eval", 0, val_idx)] + [(preset, v, train_idx) for v in range(views)]
+        t = time.perf_counter()
+        feats = []
+        for preset_, view, idx in parts:
+            path = self.cache_dir / "features" / f"{self._feature_key(preset_, view, idx)}.pt"
+            if not path.is_file():
+                return False
+            try:
+                f = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                return False
+            if f.shape != (len(idx), self.model.num_features):
+                return False
+            feats.append(f)
+        total = len(train_idx) * views + len(val_idx)
+        done = 0
+        for (_, _, idx), _f in zip(parts, feats):
+            done += len(idx)
+            progress("features", 0, done, total, t)
+        self.train_idx, self.val_idx = train_idx, val_idx
+        self.train_labels = [self.items[i][1] for i in train_idx]
+        self.val_labels = [self.items[i][1] for i in val_idx]
+        self.skipped = []
+        self.store = None
+        self.val_feats, self.train_feats = feats[0], feats[1:]
+        self.feature_seconds = time.perf_counter() - t
+        self.feature_rate = None  # nothing was computed: no measure of the backbone's speed
+        self.cache_hits = len(parts)
+        self.features_from_cache = True
+        self.cb.on_message(f"features of all {len(self.items)} images read from the cache: nothing to decode")
+        return True
+
+    def compute_features(self, progress: _Progress, need_images: bool = False) -> None:
+        """Frozen-backbone features of the val images and of every augmented train view, from the cache when
+        it has them. Unless a later phase trains on images (`need_images`), a complete cache hit skips
+        decoding the images."""
+        if not need_images and self._features_from_cache(progress):
+            return
+        self._decode(progress)
+        self._features(progress)
 
     # ------------------------------------------------------------ optimisation
 
@@ -575,9 +632,10 @@ class Runner:
         status = "completed"
         train_seen = 0
         try:
-            self._decode(progress)
             if self.use_feature_cache:
-                self._features(progress)
+                self.compute_features(progress, need_images=not all(p.backbone_frozen for p in self.phases))
+            else:
+                self._decode(progress)
             if ck is not None:
                 self._load_state(ck["model"])
                 history = [EpochMetric(**h) for h in ck["history"]]

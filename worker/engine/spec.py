@@ -85,3 +85,35 @@ class RunSpec(BaseModel):
             return self.lr
         base = DEFAULT_LR[self.strategy_kind]
         return base * 10 if self.optimizer == "sgd" else base
+
+
+class ProbeSpec(BaseModel):
+    """A backbone comparison ("probe"): frozen features of each backbone, a linear classifier on them, ranked
+    by val accuracy; optionally the strategy advisor's measurement. The feature settings default to those of
+    a default `features` run (RunSpec), so that such a run on the same data reuses the cached features."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbones: list[str] | None = Field(
+        None, max_length=64, description="Backbones to compare (default: every one whose pretrained weights are "
+                                         "available here)."
+    )
+    random_init: bool = Field(False, description="Also probe each backbone from random weights (a baseline).")
+    advise: bool = Field(True, description="Also measure how far the images are from ImageNet (a short "
+                                           "fine-tune on a sample) to recommend a strategy.")
+    image_size: int | None = Field(None, ge=32, le=1024, description="Input size (default: each backbone's).")
+    augment: Literal["none", "light", "standard"] = RunSpec.model_fields["augment"].default
+    feature_views: int = Field(RunSpec.model_fields["feature_views"].default, ge=1, le=32)
+    val_fraction: float = Field(RunSpec.model_fields["val_fraction"].default, gt=0, lt=1)
+    batch_size: int = Field(RunSpec.model_fields["batch_size"].default, ge=1, le=4096)
+    seed: int = Field(RunSpec.model_fields["seed"].default, ge=0, le=2**31 - 1)
+
+    @field_validator("backbones")
+    @classmethod
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        out = list(dict.fromkeys(b.strip() for b in v if b.strip()))
+        if not out:
+            raise ValueError("name at least one backbone, or leave backbones out to compare every available one")
+        return out

@@ -1,0 +1,122 @@
+"""Backbone comparisons ("probes") of a dataset and the strategy advice built on them. Torch-free.
+
+A probe is a job like any other (queued, claimed by a worker, progress and events, cancel, delete) whose
+`kind` is "probe" and whose spec is a ProbeSpec; its result holds the leaderboard and the advisor's
+measurement. The advice is computed when it is read, from that measurement and the dataset's counts.
+"""
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.errors import Conflict, Unprocessable
+from app.core.settings import Settings
+from app.db.models import FINAL_STATUSES, Dataset, Job, JobEvent, JobStatus, User
+from app.services import datasets as dataset_service
+from app.services import jobs as job_service
+from worker.engine.advice import Advice, recommend_strategy
+from worker.engine.catalog import CATALOG
+from worker.engine.spec import ProbeSpec
+
+PROBE = "probe"
+
+
+def available_backbones() -> list[str]:
+    return [e.name for e in CATALOG.values() if e.weights_available()]
+
+
+def start(session: Session, settings: Settings, user: User, dataset_id: int, spec: ProbeSpec) -> Job:
+    """Queue a probe of the dataset. The backbones are resolved now (default: every one whose pretrained
+    weights are on this server), so that the job's record says what it compared."""
+    ds = dataset_service.get_owned(session, user, dataset_id)
+    running = session.scalar(select(Job.id).where(Job.dataset_id == ds.id, Job.owner_id == user.id,
+                                                  Job.kind == PROBE, Job.status.not_in(FINAL_STATUSES)))
+    if running is not None:
+        raise Conflict(f"a backbone comparison of dataset {ds.id} is already under way (job {running}): wait for "
+                       f"it (GET /api/v1/datasets/{ds.id}/probe) or cancel it (POST /api/v1/jobs/{running}/cancel)",
+                       {"job_id": running})
+    names = spec.backbones
+    if names is not None:
+        unknown = [n for n in names if n not in CATALOG]
+        if unknown:
+            raise Unprocessable(f"unknown backbone(s) {', '.join(map(repr, unknown))}: choose from "
+                                f"{', '.join(CATALOG)} (GET /api/v1/backbones)")
+        missing = [n for n in names if not CATALOG[n].weights_available()]
+        if missing and not spec.random_init:
+            raise Unprocessable(
+                f"pretrained weights for {', '.join(missing)} are not on this server: import them with "
+                "`graft weights import FILE --backbone NAME`, leave them out, or set random_init=true to probe "
+                "them from random weights", {"unavailable": missing})
+    else:
+        names = available_backbones()
+        if not names:
+            raise Unprocessable("no backbone has its pretrained weights on this server, so there is nothing to "
+                                "compare: import some with `graft weights import FILE --backbone NAME` "
+                                "(GET /api/v1/backbones lists them)")
+    spec = spec.model_copy(update={"backbones": names})
+    job = Job(owner_id=user.id, dataset_id=ds.id, kind=PROBE, spec=spec.model_dump(), status=JobStatus.queued.value,
+              total_epochs=0)
+    session.add(job)
+    session.flush()
+    session.add(JobEvent(job_id=job.id, kind="status", data={"status": "queued", "error": None}))
+    session.commit()
+    job_service.enqueue(session, settings, job)
+    return job
+
+
+def latest(session: Session, user: User, ds: Dataset) -> tuple[Job | None, Job | None]:
+    """(the dataset's newest probe of any status, its newest succeeded probe)."""
+    q = select(Job).where(Job.dataset_id == ds.id, Job.owner_id == user.id, Job.kind == PROBE)
+    newest = session.scalars(q.order_by(Job.id.desc()).limit(1)).first()
+    done = newest if newest is not None and newest.status == JobStatus.succeeded.value else \
+        session.scalars(q.where(Job.status == JobStatus.succeeded.value).order_by(Job.id.desc()).limit(1)).first()
+    return newest, done
+
+
+def leaderboard(job: Job | None) -> list[dict]:
+    rows = (job.result or {}).get("rows") if job is not None else None
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def measured(job: Job | None) -> dict | None:
+    m = (job.result or {}).get("measured") if job is not None else None
+    return m if isinstance(m, dict) else None
+
+
+def advice(ds: Dataset, done: Job | None) -> Advice:
+    """The strategy advice for the dataset: measured when a probe with the advisor has succeeded, else by size."""
+    return recommend_strategy(ds.counts or {}, measured(done))
+
+
+def best_backbone(done: Job | None) -> str | None:
+    """The top pretrained backbone of the leaderboard whose weights are (still) available, if any."""
+    for r in leaderboard(done):
+        if r.get("error") is None and r.get("pretrained") and r.get("backbone") in CATALOG \
+                and CATALOG[r["backbone"]].weights_available():
+            return r["backbone"]
+    return None
+
+
+def job_summary(job: Job | None) -> dict | None:
+    if job is None:
+        return None
+    return {"id": job.id, "status": job.status, "progress": job.progress, "stage": job.stage,
+            "eta_seconds": job.eta_seconds, "error": job.error, "spec": job.spec,
+            "created_at": job.created_at, "finished_at": job.finished_at}
+
+
+def view(session: Session, user: User, dataset_id: int) -> dict:
+    """What GET /api/v1/datasets/{id}/probe answers: the newest probe, the newest leaderboard and the advice."""
+    ds = dataset_service.get_owned(session, user, dataset_id)
+    newest, done = latest(session, user, ds)
+    result = (done.result or {}) if done is not None else {}
+    return {
+        "dataset_id": ds.id,
+        "job": job_summary(newest),
+        "result_job_id": done.id if done is not None else None,
+        "leaderboard": leaderboard(done),
+        "measured": measured(done),
+        "seconds": result.get("seconds"),
+        "device": result.get("device"),
+        "advice": advice(ds, done).to_dict(),
+    }

@@ -1,0 +1,140 @@
+/* Backbone comparison: start it from the dataset page, follow its progress there or on its job page (the
+   job's server-sent events, or polling without EventSource), reload to show the leaderboard when it ends;
+   cancel and delete on the job page. */
+"use strict";
+(() => {
+  const FINAL = ["succeeded", "failed", "cancelled"];
+  const STAGES = { decode: "Decoding images", features: "Computing features", probe: "Fitting linear classifiers",
+                   advise: "Measuring how far the images are from ImageNet" };
+  const $ = (id) => document.getElementById(id);
+
+  function stageText(s) {
+    if (s.status === "queued") return "Waiting for a worker";
+    if (s.status === "running") return STAGES[s.stage] || s.stage || "Starting";
+    if (s.status === "succeeded") return "Finished";
+    return s.status === "cancelled" ? "Cancelled" : "Failed";
+  }
+
+  /* Follow job `id`: onUpdate(snapshot) on each progress snapshot, onMessage(text) for each message event,
+     onEnd() once the job has ended. */
+  function follow(id, onUpdate, onMessage, onEnd) {
+    let ended = false;
+    const end = () => { if (!ended) { ended = true; onEnd(); } };
+    if (typeof EventSource !== "undefined") {
+      const es = new EventSource(`/api/v1/jobs/${id}/events`);
+      const parse = (e) => { try { return JSON.parse(e.data); } catch (err) { return {}; } };
+      es.addEventListener("progress", (e) => onUpdate(parse(e)));
+      es.addEventListener("message", (e) => { const d = parse(e); if (d.message) onMessage(d.message); });
+      es.addEventListener("end", () => { es.close(); end(); });
+      return;
+    }
+    const poll = async () => {
+      try {
+        const job = await Graft.api("GET", `/api/v1/jobs/${id}`);
+        onUpdate(job);
+        if (FINAL.includes(job.status)) { end(); return; }
+      } catch (e) { /* try again */ }
+      setTimeout(poll, 1500);
+    };
+    poll();
+  }
+
+  function setBar(root, s) {
+    const p = Math.max(0, Math.min(1, s.progress || 0));
+    const bar = root.querySelector(".bar");
+    const fill = root.querySelector(".bar-fill");
+    if (fill) {
+      fill.style.width = `${(100 * p).toFixed(1)}%`;
+      fill.className = `bar-fill bar-${s.status}`;
+    }
+    if (bar) bar.setAttribute("aria-valuenow", String(Math.round(100 * p)));
+  }
+
+  /* ---------------------------------------------------------------- dataset page */
+  const card = $("probe");
+  if (card) {
+    const btn = $("probe-start");
+    const box = $("probe-progress");
+    const status = $("probe-status");
+    const errBox = $("probe-error");
+    const watch = (id) => {
+      box.hidden = false;
+      btn.disabled = true;
+      const link = ` (job ${id})`;
+      let last = "";
+      follow(id, (s) => {
+        setBar(box, s);
+        const eta = s.status === "running" && s.eta_seconds ? `, about ${Graft.duration(s.eta_seconds)} left` : "";
+        status.textContent = `${stageText(s)}${eta}${last ? ": " + last : ""}${link}`;
+        if (s.status === "failed" && s.error) Graft.show(errBox, s.error);
+      }, (msg) => { last = msg; }, () => setTimeout(() => window.location.reload(), 400));
+    };
+    if (card.dataset.jobId) watch(card.dataset.jobId);
+    btn.addEventListener("click", async () => {
+      Graft.hide(errBox);
+      btn.disabled = true;
+      try {
+        const job = await Graft.api("POST", `/api/v1/datasets/${card.dataset.datasetId}/probe`, {});
+        const empty = $("probe-empty");
+        if (empty) empty.hidden = true;
+        status.textContent = "Waiting for a worker";
+        watch(job.id);
+      } catch (e) {
+        // 409: one is under way already; 503: saved, but the queue is unreachable (it is sent later): follow it
+        const saved = e.body && e.body.error && e.body.error.details && e.body.error.details.job_id;
+        if (e.status !== 409) Graft.show(errBox, e.message);
+        if (saved) { watch(saved); return; }
+        btn.disabled = false;
+      }
+    });
+  }
+
+  /* ---------------------------------------------------------------- probe job page */
+  const dataEl = $("probe-job-data");
+  if (dataEl) {
+    const data = JSON.parse(dataEl.textContent);
+    const box = $("job-progress");
+    const list = $("messages");
+    if (!data.final) {
+      follow(data.id, (s) => {
+        setBar(box, s);
+        $("stage-text").textContent = stageText(s);
+        $("percent-text").textContent = `${Math.round(100 * Math.max(0, Math.min(1, s.progress || 0)))}%`;
+        $("eta-text").textContent = s.status === "running" && s.eta_seconds ? `about ${Graft.duration(s.eta_seconds)} left` : "";
+        const badge = document.querySelector("#status-badge .badge");
+        if (badge && s.status) { badge.className = `badge badge-${s.status}`; badge.textContent = s.status; }
+      }, (msg) => {
+        const li = document.createElement("li");
+        li.textContent = msg;
+        list.appendChild(li);
+      }, () => setTimeout(() => window.location.reload(), 400));
+    }
+    const cancel = $("cancel-btn");
+    if (cancel) {
+      cancel.addEventListener("click", async () => {
+        cancel.disabled = true;
+        try {
+          await Graft.api("POST", `/api/v1/jobs/${data.id}/cancel`);
+          cancel.textContent = "Stopping…";
+        } catch (e) {
+          Graft.show($("action-error"), e.message);
+          cancel.disabled = false;
+        }
+      });
+    }
+    const del = $("delete-job");
+    if (del) {
+      del.addEventListener("click", async () => {
+        if (!confirm(`Delete this comparison (job ${data.id})?`)) return;
+        del.disabled = true;
+        try {
+          await Graft.api("DELETE", `/api/v1/jobs/${data.id}`);
+          window.location.href = `/datasets/${data.dataset_id}`;
+        } catch (e) {
+          Graft.show($("action-error"), e.message);
+          del.disabled = false;
+        }
+      });
+    }
+  }
+})();

@@ -240,6 +240,8 @@ def test_probe_through_the_api_with_a_real_worker(api_stack, tiny_slice):
         assert any(m.startswith(f"{LITE0}: ") and "val accuracy" in m for m in messages), messages
         assert [e[2]["status"] for e in events if e[1] == "status"] == ["queued", "running", "succeeded"]
 
+        r = c.get(f"/api/v1/jobs/{job['id']}/evaluation")
+        assert r.status_code == 404 and f"/api/v1/datasets/{did}/probe" in r.json()["error"]["message"]
         v = c.get(f"/api/v1/datasets/{did}/probe").json()
         assert v["job"]["id"] == v["result_job_id"] == job["id"] and v["job"]["status"] == "succeeded"
         (row,) = v["leaderboard"]

@@ -109,6 +109,9 @@ def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> dict:
     predicted class index (`y_true`, `y_pred`, in sorted file order; `val_set` identifies those files)."""
     job = service.get_owned(session, user, job_id)
     report = (job.result or {}).get("report")
+    if getattr(job, "kind", "train") == "probe":
+        raise NotFound(f"job {job_id} compares backbones and trains no model, so it has no evaluation: its "
+                       f"leaderboard is at GET /api/v1/datasets/{job.dataset_id}/probe")
     if job.status != "succeeded" or not report:
         raise NotFound(f"job {job_id} has no evaluation: it is {job.status}; evaluations come with success")
     mistakes = [{**m, "image_url": f"/api/v1/jobs/{job_id}/mistakes/{i}.jpg"}

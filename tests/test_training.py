@@ -173,6 +173,23 @@ def test_cancel_in_the_middle_of_an_epoch(tiny_slice, tmp_path):
     assert len([p for p in rec.progress if p.stage == "train"]) == 1  # stopped after the first batch
 
 
+def test_images_over_the_pixel_limit_are_skipped_and_named(tiny_slice, tmp_path):
+    """A server's GRAFT_MAX_IMAGE_PIXELS reaches training (the worker passes it): the same limit as uploads."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_slice, data)
+    limit = max(Image.open(p).size[0] * Image.open(p).size[1] for p in data.rglob("*.jpg"))
+    Image.new("RGB", (limit // 100 + 1, 101), (90, 120, 30)).save(data / "train" / "bees" / "huge.png")
+    rec = Recorder()
+    res = run(_spec(epochs=1, image_size=64), data, tmp_path / "out", rec, max_pixels=limit)
+    assert res.status == "completed"
+    assert [s for s in res.skipped if "huge.png" in s] and len(res.skipped) == 1, res.skipped
+    assert "over the limit" in " ".join(res.skipped)
+    # under the default (Pillow's) limit the same image trains
+    assert run(_spec(epochs=1, image_size=64), data, tmp_path / "out2", None).skipped == []
+
+
 def test_bad_images_are_skipped_and_reported(tiny_slice, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_slice, data)

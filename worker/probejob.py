@@ -22,7 +22,8 @@ def run_probe(S: sessionmaker[Session], job_id: int, attempt: int, reporter, hea
 
     try:
         spec = ProbeSpec(**spec_data)
-        result = probe(data_dir, spec, cache_dir=settings.features_cache_dir, callbacks=reporter)
+        result = probe(data_dir, spec, cache_dir=settings.features_cache_dir, callbacks=reporter,
+                       max_pixels=settings.max_image_pixels)
     except GraftError as e:
         return "failed" if _finish(S, job_id, JobStatus.failed.value, str(e), attempt=attempt) else "superseded"
     except Exception as e:  # a bug or an environment problem: say so, keep the worker alive

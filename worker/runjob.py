@@ -282,7 +282,8 @@ def _execute(job_id: int, settings: Settings) -> str:
         try:
             spec = RunSpec(**spec_data)
             result = run(spec, settings.data_dir / data_rel, out, reporter,
-                         resume=(out / "checkpoints" / "last.pt").is_file(), cache_dir=settings.features_cache_dir)
+                         resume=(out / "checkpoints" / "last.pt").is_file(), cache_dir=settings.features_cache_dir,
+                         max_pixels=settings.max_image_pixels)
         except GraftError as e:
             return "failed" if _finish(S, job_id, JobStatus.failed.value, str(e), attempt=attempt) else "superseded"
         except Exception as e:  # a bug or an environment problem: say so, keep the worker alive

@@ -219,16 +219,17 @@ def _model_size(model) -> tuple[int, float]:
     return params, round(size / 1e6, 2)
 
 
-def _runner(spec: RunSpec, data_dir: Path, cb: Callbacks, cache_dir, device):
+def _runner(spec: RunSpec, data_dir: Path, cb: Callbacks, cache_dir, device, max_pixels: int | None = None):
+    from .images import DEFAULT_MAX_PIXELS
     from .runner import Runner
 
     # nothing is written under out_dir: only run() writes there
     return Runner(spec, data_dir, Path(tempfile.gettempdir()) / "graft-probe-unused", cb, cache_dir=cache_dir,
-                  device=device)
+                  device=device, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
 
 
 def probe_backbone(data_dir: Path, backbone: str, pretrained: bool, spec: ProbeSpec, cb: Callbacks,
-                   cache_dir=None, device: str | None = None) -> dict:
+                   cache_dir=None, device: str | None = None, max_pixels: int | None = None) -> dict:
     """One leaderboard row: features (from the cache when there), linear probe, val accuracy and loss."""
     from .runner import _Progress
 
@@ -238,7 +239,7 @@ def probe_backbone(data_dir: Path, backbone: str, pretrained: bool, spec: ProbeS
     rs = RunSpec(backbone=backbone, pretrained=pretrained, strategy="features", epochs=1, image_size=size,
                  augment=spec.augment, feature_views=spec.feature_views, val_fraction=spec.val_fraction,
                  batch_size=spec.batch_size, seed=spec.seed)
-    r = _runner(rs, data_dir, cb, cache_dir, device)
+    r = _runner(rs, data_dir, cb, cache_dir, device, max_pixels)
     try:
         r._prepare()
         progress = _Progress(r.cb, t0, 0)
@@ -291,7 +292,7 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
                        train_per_class: int = ADVISE_TRAIN_PER_CLASS, val_per_class: int = ADVISE_VAL_PER_CLASS,
                        image_size: int | None = ADVISE_IMAGE_SIZE, epochs: int = ADVISE_EPOCHS,
                        lr: float = ADVISE_LR, seed: int = 0, val_fraction: float = 0.2,
-                       device: str | None = None) -> dict:
+                       device: str | None = None, max_pixels: int | None = None) -> dict:
     """How much adjusting the last layer group gains over a linear classifier on the frozen features, on a
     sample (up to `train_per_class` / `val_per_class` images per class, at `image_size`): the linear probe is
     fitted first, the fine-tune (finetune_last:1, `epochs` epochs) starts from it, and both are scored on the
@@ -306,7 +307,7 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
                  image_size=None if info.fixed_size else image_size, batch_size=ADVISE_BATCH, augment="light",
                  feature_views=1, val_fraction=val_fraction, seed=seed, lr=lr, warmup_epochs=0, dropout=0.0,
                  patience=None)
-    r = _runner(rs, Path(data_dir), cb, cache_dir, device)
+    r = _runner(rs, Path(data_dir), cb, cache_dir, device, max_pixels)
     try:
         r._prepare()
         r.epoch_times = {}
@@ -418,7 +419,7 @@ def _targets(backbones: Sequence[str] | None, random_init: bool) -> list[tuple[s
 
 def probe(data_dir: str | Path, spec: ProbeSpec | None = None, cache_dir: str | Path | None = None,
           callbacks: Callbacks | None = None, device: str | None = None,
-          targets: Sequence[tuple[str, bool]] | None = None) -> ProbeResult:
+          targets: Sequence[tuple[str, bool]] | None = None, max_pixels: int | None = None) -> ProbeResult:
     """Rank backbones on the data in `data_dir` by the val accuracy of a linear classifier on their frozen
     features. `spec` is a spec.ProbeSpec (default: every available backbone, with the advisor); `targets`
     overrides its backbones with explicit (name, pretrained) pairs. A backbone that cannot be used (weights
@@ -446,7 +447,7 @@ def probe(data_dir: str | Path, spec: ProbeSpec | None = None, cache_dir: str | 
             window.window(share * i / len(targets), share * (i + 1) / len(targets))
             cb.on_message(f"{label}: computing features ({i + 1} of {len(targets)})")
             try:
-                row = probe_backbone(Path(data_dir), name, pretrained, spec, window, cache_dir, device)
+                row = probe_backbone(Path(data_dir), name, pretrained, spec, window, cache_dir, device, max_pixels)
             except RunStopped:
                 raise
             except (WeightsUnavailable, SpecError) as e:
@@ -474,7 +475,8 @@ def probe(data_dir: str | Path, spec: ProbeSpec | None = None, cache_dir: str | 
             try:
                 m = measure_domain_gap(
                     data_dir, pick["backbone"], cache_dir, window, seed=spec.seed, val_fraction=spec.val_fraction,
-                    image_size=min(ADVISE_IMAGE_SIZE, spec.image_size or ADVISE_IMAGE_SIZE), device=device)
+                    image_size=min(ADVISE_IMAGE_SIZE, spec.image_size or ADVISE_IMAGE_SIZE), device=device,
+                    max_pixels=max_pixels)
             except (RunStopped, DataError):
                 raise
             except (RuntimeError, GraftError) as e:  # the leaderboard stands; the advice falls back to size

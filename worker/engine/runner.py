@@ -30,6 +30,7 @@ from .data import (DataSplit, ImageDataset, ImageStore, discover, eval_transform
                    train_transform)
 from .errors import CheckpointError, DataError, RunStopped, SpecError
 from .evaluate import confusion_png, evaluation
+from .images import DEFAULT_MAX_PIXELS
 from .modelfile import atomic_save, save_model_file
 from .spec import RunSpec
 
@@ -170,8 +171,9 @@ class Runner:
     def __init__(self, spec: RunSpec, data_dir: str | Path, out_dir: str | Path,
                  callbacks: Callbacks | None = None, resume: bool = False,
                  cache_dir: str | Path | None = None, device: str | None = None,
-                 store_budget_bytes: int = 3 << 30):
+                 store_budget_bytes: int = 3 << 30, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.spec = spec
+        self.max_pixels = max_pixels  # larger images are skipped and named (a server's GRAFT_MAX_IMAGE_PIXELS)
         self.data_dir = Path(data_dir)
         self.out = Path(out_dir)
         self.cb = CallbackList(callbacks)
@@ -219,7 +221,7 @@ class Runner:
     def _decode(self, progress: _Progress) -> None:
         items = self.split.train + self.split.val
         t = time.perf_counter()
-        store = ImageStore([p for p, _ in items], self.pre, self.budget,
+        store = ImageStore([p for p, _ in items], self.pre, self.budget, max_pixels=self.max_pixels,
                            progress=lambda d, n: progress("decode", 0, d, n, t))
         self.skipped = [f"{self.split.rel(items[i][0])}: {msg.split(': ', 1)[-1]}"
                         for i, msg in sorted(store.errors.items())]
@@ -772,6 +774,8 @@ class Runner:
 
 
 def run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, callbacks: Callbacks | None = None,
-        resume: bool = False, cache_dir: str | Path | None = None, device: str | None = None) -> RunResult:
-    """Train `spec` on the images in `data_dir`, writing checkpoints and model.pt under `out_dir`."""
-    return Runner(spec, data_dir, out_dir, callbacks, resume, cache_dir, device).run()
+        resume: bool = False, cache_dir: str | Path | None = None, device: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS) -> RunResult:
+    """Train `spec` on the images in `data_dir`, writing checkpoints and model.pt under `out_dir`. Images of
+    more than `max_pixels` (width x height) are skipped and named."""
+    return Runner(spec, data_dir, out_dir, callbacks, resume, cache_dir, device, max_pixels=max_pixels).run()

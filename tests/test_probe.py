@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from worker.engine.advice import recommend_strategy
-from worker.engine.callbacks import Callbacks
+from test_training import Recorder  # the engine callbacks a run made, recorded
 from worker.engine.errors import UnknownBackbone, WeightsUnavailable
 from worker.engine.probe import fit_linear_probe, measure_domain_gap, probe, rank
 from worker.engine.runner import run
@@ -24,20 +24,6 @@ from worker.engine.spec import ProbeSpec, RunSpec
 
 SIZE = 96  # small images keep these runs fast on 2 CPU cores
 LITE0 = "efficientnet_lite0"
-
-
-class Recorder(Callbacks):
-    def __init__(self):
-        self.progress, self.messages, self.started = [], [], None
-
-    def on_start(self, info):
-        self.started = info
-
-    def on_message(self, message):
-        self.messages.append(message)
-
-    def on_progress(self, p):
-        self.progress.append(p)
 
 
 # ---------------------------------------------------------------- the linear probe

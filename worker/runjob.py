@@ -239,7 +239,6 @@ def execute(job_id: int, settings: Settings | None = None) -> str:
 def _execute(job_id: int, settings: Settings) -> str:
     S = session_factory(settings.db_url)
     # import the engine (torch: seconds) before the claim, so that the job's heartbeat starts right after it
-    from worker.engine.errors import GraftError
     from worker.engine.runner import run
     from worker.engine.spec import RunSpec
 
@@ -279,27 +278,14 @@ def _execute(job_id: int, settings: Settings) -> str:
 
             return run_probe(S, job_id, attempt, reporter, heartbeat, spec_data, settings.data_dir / data_rel,
                              settings)
-        try:
-            spec = RunSpec(**spec_data)
-            result = run(spec, settings.data_dir / data_rel, out, reporter,
-                         resume=(out / "checkpoints" / "last.pt").is_file(), cache_dir=settings.features_cache_dir,
-                         max_pixels=settings.max_image_pixels)
-        except GraftError as e:
-            return "failed" if _finish(S, job_id, JobStatus.failed.value, str(e), attempt=attempt) else "superseded"
-        except Exception as e:  # a bug or an environment problem: say so, keep the worker alive
-            log.exception("job %s crashed", job_id)
-            ok = _finish(S, job_id, JobStatus.failed.value, f"internal error: {type(e).__name__}: {e}. The worker "
-                         "log has the details; retry the job or report the problem.", attempt=attempt)
-            return "failed" if ok else "superseded"
+        result, outcome = call_engine(S, job_id, attempt, "job", lambda: run(
+            RunSpec(**spec_data), settings.data_dir / data_rel, out, reporter,
+            resume=(out / "checkpoints" / "last.pt").is_file(), cache_dir=settings.features_cache_dir,
+            max_pixels=settings.max_image_pixels))
+        if outcome is not None:
+            return outcome
         if result.status == "stopped":
-            if reporter.lost:
-                return "superseded"
-            if shutting_down():
-                heartbeat.stop()
-                if _release(S, job_id, attempt, result.epochs_run):
-                    return "released"
-            ok = _finish(S, job_id, JobStatus.cancelled.value, "cancelled on request", attempt=attempt)
-            return "cancelled" if ok else "superseded"
+            return stopped(S, job_id, attempt, reporter, heartbeat, result.epochs_run)
         reporter._update(stage="export", progress=reporter._forward(1.0), eta_seconds=None)
         exports = _export(reporter, out, result.val_files)
         with S() as s:
@@ -321,6 +307,38 @@ def _execute(job_id: int, settings: Settings) -> str:
         return "succeeded" if ok else "superseded"
     finally:
         heartbeat.stop()
+
+
+def call_engine(S: sessionmaker[Session], job_id: int, attempt: int, what: str, call) -> tuple[object, str | None]:
+    """(the engine's result, None), or (None, the outcome) when it raised: a GraftError (bad data or spec)
+    fails the job with its message; anything else is a bug or an environment problem, said as such, and the
+    worker stays alive."""
+    from worker.engine.errors import GraftError
+
+    try:
+        return call(), None
+    except GraftError as e:
+        ok = _finish(S, job_id, JobStatus.failed.value, str(e), attempt=attempt)
+    except Exception as e:
+        log.exception("%s %s crashed", what, job_id)
+        retry = "the comparison" if what == "probe job" else "the job"
+        ok = _finish(S, job_id, JobStatus.failed.value, f"internal error: {type(e).__name__}: {e}. The worker "
+                     f"log has the details; retry {retry} or report the problem.", attempt=attempt)
+    return None, "failed" if ok else "superseded"
+
+
+def stopped(S: sessionmaker[Session], job_id: int, attempt: int, reporter: Reporter, heartbeat,
+            epochs_run: int) -> str:
+    """The engine stopped early: the run lost the job, the worker is shutting down (the job goes back to
+    the queue) or the user cancelled it."""
+    if reporter.lost:
+        return "superseded"
+    if shutting_down():
+        heartbeat.stop()
+        if _release(S, job_id, attempt, epochs_run):
+            return "released"
+    ok = _finish(S, job_id, JobStatus.cancelled.value, "cancelled on request", attempt=attempt)
+    return "cancelled" if ok else "superseded"
 
 
 def _export(reporter: Reporter, out, val_files: list[str]) -> list[dict]:

@@ -116,7 +116,7 @@ def parse_wrk(text: str) -> dict:
 def nice_of_worker(serve_pid: int) -> int | None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        workers = [p for p, args in descendants(serve_pid) if "app.cli worker" in args]
+        workers = [p for p, args in descendants(serve_pid) if "cli worker" in args]
         if workers:
             return int(Path(f"/proc/{workers[0]}/stat").read_text().rsplit(")", 1)[1].split()[16])
         time.sleep(0.5)
@@ -126,7 +126,7 @@ def nice_of_worker(serve_pid: int) -> int | None:
 def renice_worker(serve_pid: int, n: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        workers = [p for p, args in descendants(serve_pid) if "app.cli worker" in args]
+        workers = [p for p, args in descendants(serve_pid) if "cli worker" in args]
         if workers:
             tree = workers + [p for w in workers for p, _ in descendants(w)]
             for pid in tree:

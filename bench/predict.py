@@ -61,16 +61,16 @@ def main() -> None:
     # bench/run.py's timeout sends SIGTERM: stop the servers below (finally) instead of leaving them behind
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    from app.cli import run_migrations
+    from app.db.migrate import run_migrations
     from app.core.settings import Settings
     from app.db.models import Artifact, Dataset, Job
     from app.db.session import session_factory
     from app.services import auth
     from worker.engine.data import normalize
-    from worker.engine.files import sha256_file
+    from domain.files import sha256_file
     from worker.engine.predict import Predictor
     from worker.engine.runner import run
-    from worker.engine.spec import RunSpec
+    from domain.spec import RunSpec
 
     work = Path(tempfile.mkdtemp(prefix="graft-predict-bench-"))
     settings = Settings(_env_file=None, data_dir=work / "data")

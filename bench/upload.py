@@ -9,7 +9,7 @@
 2. the clock starts; DATA, zipped beforehand, is POSTed to /api/v1/datasets (upload, extraction and the dataset
    doctor's checks, all inside the request);
 3. a job with the recommended settings (the strategy and epochs that the new-job page proposes for this
-   dataset, app.services.advice.recommend_strategy; every other field at its default) is POSTed to
+   dataset, domain.advice.recommend_strategy; every other field at its default) is POSTed to
    /api/v1/jobs;
 4. the job's server-sent events (/api/v1/jobs/{id}/events, what the job page shows) are read from before
    the job is queued to the stream's end: the arrival of the `running` status, of each stage, of the first
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the results as one JSON line, last on stdout")
     a = ap.parse_args()
     exit_on_sigterm()
-    from app.services.advice import recommend_strategy
+    from domain.advice import recommend_strategy
 
     blob = dataset_zip(a.data)
     load_before = loadavg()

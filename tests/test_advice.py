@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from app.services import advice as service_advice
-from worker.engine.advice import (DISTANT_GAIN, FEATURES_MAX_PER_CLASS, LITTLE_DATA_DISTANT_STRATEGY,
+from domain import advice as service_advice
+from domain.advice import (DISTANT_GAIN, FEATURES_MAX_PER_CLASS, LITTLE_DATA_DISTANT_STRATEGY,
                                   TWO_STAGE_MAX_PER_CLASS, classify_domain, paired_stderr, recommend_strategy)
 
 

@@ -21,12 +21,12 @@ from sqlalchemy import func, select, update
 
 from dbfixtures import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
 
-from app.cli import run_migrations
+from app.db.migrate import run_migrations
 from app.core.settings import Settings
 from app.db.models import ApiToken, Artifact, Dataset, EpochMetric, Job, JobEvent
 from app.main import create_app
 from app.services import auth
-from worker.engine.spec import RunSpec
+from domain.spec import RunSpec
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 PER_SPLIT = {"train": 4, "val": 2}

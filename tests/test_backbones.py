@@ -20,7 +20,7 @@ from worker.engine.backbones import (
     sha256_file,
     weights_available,
 )
-from worker.engine.errors import UnknownBackbone, WeightsImportError, WeightsUnavailable
+from domain.errors import UnknownBackbone, WeightsImportError, WeightsUnavailable
 
 
 def _no_download(*args, **kwargs):

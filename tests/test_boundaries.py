@@ -25,7 +25,8 @@ def test_web_tier_does_not_import_torch(tmp_path):
         import sys
         from pathlib import Path
 
-        import app.cli
+        import app.db.migrate
+        import cli.main
         import app.main
         from app.core.settings import Settings
         from app.services import auth
@@ -33,7 +34,7 @@ def test_web_tier_does_not_import_torch(tmp_path):
 
         settings = Settings(data_dir=Path(%r))
         settings.ensure_dirs()
-        app.cli.run_migrations(settings.db_url)
+        app.db.migrate.run_migrations(settings.db_url)
         web = app.main.create_app(settings)
         web.openapi()
         with web.state.sessions() as s:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from worker.engine.backbones import REGISTRY, num_params, weights_file, weights_url
-from worker.engine.catalog import CATALOG
+from domain.catalog import CATALOG
 
 
 def test_catalog_matches_registry_and_torchvision(tmp_path, monkeypatch):

@@ -15,14 +15,14 @@ from fastapi.testclient import TestClient
 
 from dbfixtures import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
 
-from app.cli import run_migrations
+from app.db.migrate import run_migrations
 from app.core.errors import BadRequest
 from app.core.settings import Settings
 from app.db.models import Dataset, EpochMetric, Job
 from app.main import create_app
 from app.services import auth
 from app.services import compare as cmp
-from worker.engine.evaluate import evaluation, predictions, val_set_id
+from domain.evaluate import evaluation, predictions, val_set_id
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 Z95 = 1.959963984540054
@@ -212,7 +212,7 @@ def report_for(right: np.ndarray, classes=("ants", "bees"), val_set="v1", per_im
 
 
 def cmp_report(y_true, y_pred, classes) -> dict:
-    from worker.engine.evaluate import classification_report
+    from domain.evaluate import classification_report
 
     rep = classification_report(y_true, y_pred, classes)
     rep.update(top_k={}, mistakes=[], images=len(y_true))

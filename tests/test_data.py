@@ -13,7 +13,7 @@ from worker.engine.backbones import Preprocessing
 from worker.engine.data import (ImageDataset, ImageStore, decode_for, discover, eval_transform, load_image,
                                 normalize, preprocess_image, stratified_split, subsample, to_tensor_u8,
                                 train_transform)
-from worker.engine.errors import DataError, ImageError
+from domain.errors import DataError, ImageError
 
 PRE = Preprocessing(image_size=24, resize_size=28)
 

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
 
-from app.cli import run_migrations
+from app.db.migrate import run_migrations
 from app.core.settings import Settings
 from app.db.models import Dataset
 from app.db.session import engine_for

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.engine.evaluate import classification_report, confusion_matrix
+from domain.evaluate import classification_report, confusion_matrix
 
 # 4 classes, 8 samples. "c" is never predicted (precision 0); "d" has no true samples (support 0)
 # but is predicted once (a false positive).
@@ -96,7 +96,7 @@ def test_classification_report_empty():
 def test_top_k_mistakes_and_confusion_picture(tmp_path):
     from PIL import Image
 
-    from worker.engine.evaluate import confusion_png, evaluation, mistakes, top_k_accuracy
+    from domain.evaluate import confusion_png, evaluation, mistakes, top_k_accuracy
 
     classes = [f"c{i}" for i in range(6)]
     probs = np.array([

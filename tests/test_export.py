@@ -14,7 +14,7 @@ from worker.engine.backbones import Preprocessing
 from worker.engine.export import check_images, export_all
 from worker.engine.modelfile import load_model
 from worker.engine.runner import run
-from worker.engine.spec import RunSpec
+from domain.spec import RunSpec
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from sqlalchemy import func, select, update
 
 from test_queue import DEAD_BROKER, FINAL, TINY_RUN, Stack, Worker, _build_stack, _close, _unreachable
 
-from app.cli import run_migrations
+from app.db.migrate import run_migrations
 from app.core.settings import Settings
 from app.db.models import Dataset, EpochMetric, Job, JobEvent, User
 from app.db.session import engine_for, session_factory
@@ -177,7 +177,7 @@ def test_killed_and_stopped_workers_lose_nothing_and_the_job_resumes(tmp_path: P
 
     # the same spec, uninterrupted, in this process: the same metrics
     from worker.engine.runner import run
-    from worker.engine.spec import RunSpec
+    from domain.spec import RunSpec
 
     with stack.sessions() as s:
         data = stack.settings.data_dir / s.get(Dataset, ds["id"]).path
@@ -269,7 +269,7 @@ def test_reaper_requeues_below_the_limit_fails_at_it_and_leaves_live_jobs_alone(
 def test_serve_start_up_requeues_the_embedded_workers_orphans(db):
     """`graft serve` with the embedded queue: its worker is its child, so any running job lost it, however
     fresh the heartbeat; still bounded by GRAFT_MAX_ATTEMPTS. Every queued job is (re)sent."""
-    from app.cli import requeue_orphans
+    from app.db.migrate import requeue_orphans
 
     settings, S, ids = db
     fresh, worn_out = make_job(S, ids, attempts=1, heartbeat_age=1), make_job(S, ids, attempts=3, heartbeat_age=1)
@@ -316,7 +316,7 @@ def test_a_slow_worker_whose_job_was_taken_stops_and_writes_nothing(db):
     before = row(S, jid)
     assert slow.should_stop() and slow.lost
 
-    from worker.engine.callbacks import EpochMetric as EngineEpoch
+    from domain.callbacks import EpochMetric as EngineEpoch
 
     slow.on_epoch_end(EngineEpoch(1, "full", 0.5, 0.5, 0.5, 0.5, 1e-3, 10.0, 1.0, 1.0, 1.0, True))
     slow.on_message("from the slow worker")
@@ -450,7 +450,7 @@ def test_out_of_memory_retries_the_epoch_with_half_the_batch(tiny_slice: Path, t
     state with batch 2 x 2 accumulation, says so, and the run is exactly the one that used 2 x 2 from the
     start (same steps per epoch, same weights, same metrics)."""
     from worker.engine.runner import Runner
-    from worker.engine.spec import RunSpec
+    from domain.spec import RunSpec
     from test_training import Recorder
 
     spec = RunSpec(strategy="full", epochs=2, image_size=64, batch_size=4, patience=None)

@@ -36,14 +36,14 @@ from schemathesis.checks import (  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 from sqlalchemy import select, update  # noqa: E402
 
-from app.cli import run_migrations  # noqa: E402
+from app.db.migrate import run_migrations  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
 from app.db.models import Artifact, Dataset, Job, JobEvent  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.services import auth  # noqa: E402
 from app.services import datasets as dataset_service  # noqa: E402
 from app.services import jobs as job_service  # noqa: E402
-from worker.engine.spec import RunSpec  # noqa: E402
+from domain.spec import RunSpec  # noqa: E402
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 EXAMPLES = 25

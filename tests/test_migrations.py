@@ -12,7 +12,7 @@ from sqlalchemy.pool import NullPool
 
 from dbfixtures import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
 
-from app.cli import ROOT, run_migrations
+from app.db.migrate import ROOT, run_migrations
 from app.db.models import Base
 
 TABLES = {"users", "api_tokens", "datasets", "jobs", "epoch_metrics", "job_events", "artifacts"}

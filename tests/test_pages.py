@@ -13,12 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.cli import run_migrations
+from app.db.migrate import run_migrations
 from app.core.settings import Settings
 from app.db.models import Artifact, EpochMetric, Job
 from app.main import create_app
 from app.services import auth
-from app.services.advice import recommend_strategy
+from domain.advice import recommend_strategy
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 

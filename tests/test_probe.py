@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.engine.advice import recommend_strategy
+from domain.advice import recommend_strategy
 from test_training import Recorder  # the engine callbacks a run made, recorded
-from worker.engine.errors import UnknownBackbone, WeightsUnavailable
+from domain.errors import UnknownBackbone, WeightsUnavailable
 from worker.engine.probe import fit_linear_probe, measure_domain_gap, probe, rank
 from worker.engine.runner import run
-from worker.engine.spec import ProbeSpec, RunSpec
+from domain.spec import ProbeSpec, RunSpec
 
 SIZE = 96  # small images keep these runs fast on 2 CPU cores
 LITE0 = "efficientnet_lite0"
@@ -110,7 +110,7 @@ def test_pretrained_ranks_above_random_init_and_the_cache_is_reused(hymenoptera_
 def test_unknown_or_unavailable_backbones_are_refused_before_any_work(hymenoptera_slice, tmp_path):
     with pytest.raises(UnknownBackbone, match="choose one of"):
         probe(hymenoptera_slice, ProbeSpec(backbones=["nope"]), tmp_path)
-    from worker.engine.catalog import CATALOG
+    from domain.catalog import CATALOG
 
     missing = [n for n, e in CATALOG.items() if not e.weights_available()]
     if missing:

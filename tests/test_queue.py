@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.cli import run_migrations
+from app.db.migrate import run_migrations
 from app.core.settings import Settings
 from app.db.models import Artifact, EpochMetric, Job, JobEvent
 from app.db.session import engine_for, session_factory

@@ -35,7 +35,7 @@ from dbfixtures import db_url  # noqa: F401  (the parametrized sqlite/postgres f
 
 from app.api import deps
 from app.api.routes import jobs as jobs_routes
-from app.cli import run_migrations
+from app.db.migrate import run_migrations
 from app.core.settings import Settings
 from app.db.models import ApiToken, Artifact, Base, Dataset, Job, JobEvent
 from app.main import create_app

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from worker.engine.backbones import build_model
-from worker.engine.callbacks import Callbacks
-from worker.engine.errors import CheckpointError, DataError
+from domain.callbacks import Callbacks
+from domain.errors import CheckpointError, DataError
 from worker.engine.modelfile import load_model, read_model_file
 from worker.engine.predict import Predictor
 from worker.engine.runner import run
-from worker.engine.spec import RunSpec
+from domain.spec import RunSpec
 
 
 class Recorder(Callbacks):

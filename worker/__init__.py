@@ -1,1 +1,2 @@
-"""Graft's worker side: the training engine (worker.engine) and, later, the bridge to the queue."""
+"""Graft's worker side: the torch engine (`worker.engine`) and the bridge that joins it to the queue and the
+database (`tasks`, `runjob`, `probejob`, `reaper`, `inference`)."""

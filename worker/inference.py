@@ -75,7 +75,7 @@ def create_inference_app(data_dir: Path, cache_size: int = 4) -> FastAPI:
             from starlette.concurrency import run_in_threadpool
 
             def work():
-                from worker.engine.errors import GraftError
+                from domain.errors import GraftError
 
                 try:
                     predictor = cache.get(path)

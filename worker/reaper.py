@@ -144,7 +144,7 @@ def send_job(S: sessionmaker[Session], settings: Settings, jid: int, old_task_id
     """Send job `jid` with a new task id, if its row is still queued with `old_task_id` (a conditional
     update first, so that two reconcilers never both send it). On broker trouble the row gets no task id
     again (the next round retries) and the error is raised."""
-    from worker.celery_app import enqueue_job
+    from app.services.queue import enqueue_job
 
     task_id = str(uuid.uuid4())
     cond = Job.celery_task_id.is_(None) if old_task_id is None else Job.celery_task_id == old_task_id
@@ -183,7 +183,7 @@ def send_unsent(S: sessionmaker[Session], settings: Settings, ids: list[int] | N
 def broker_task_ids(settings: Settings) -> set[str] | None:
     """The task ids of the job messages the broker holds (waiting or delivered and not yet acknowledged),
     or None when this kind of broker cannot be inspected."""
-    from worker.celery_app import QUEUE, configure
+    from app.services.queue import QUEUE, configure
 
     broker = settings.broker
     ids: set[str] = set()

@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.settings import Settings, get_settings
 from app.db.models import Artifact, Dataset, EpochMetric, Job, JobEvent, JobStatus
 from app.db.session import session_factory
-from worker.engine.callbacks import BatchProgress, Callbacks
-from worker.engine.callbacks import EpochMetric as EngineEpoch
-from worker.engine.files import sha256_file
+from domain.callbacks import BatchProgress, Callbacks
+from domain.callbacks import EpochMetric as EngineEpoch
+from domain.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _execute(job_id: int, settings: Settings) -> str:
     S = session_factory(settings.db_url)
     # import the engine (torch: seconds) before the claim, so that the job's heartbeat starts right after it
     from worker.engine.runner import run
-    from worker.engine.spec import RunSpec
+    from domain.spec import RunSpec
 
     if shutting_down():  # a message taken while this worker stops: leave the job to another worker
         with S() as s:
@@ -313,7 +313,7 @@ def call_engine(S: sessionmaker[Session], job_id: int, attempt: int, what: str, 
     """(the engine's result, None), or (None, the outcome) when it raised: a GraftError (bad data or spec)
     fails the job with its message; anything else is a bug or an environment problem, said as such, and the
     worker stays alive."""
-    from worker.engine.errors import GraftError
+    from domain.errors import GraftError
 
     try:
         return call(), None

@@ -5,7 +5,7 @@ import logging
 
 from celery.signals import worker_ready, worker_shutting_down
 
-from worker.celery_app import RUN_JOB, celery_app, configure
+from app.services.queue import RUN_JOB, celery_app, configure
 
 log = logging.getLogger(__name__)
 configure()

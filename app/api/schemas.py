@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
-from worker.engine.spec import RunSpec
+from domain.spec import RunSpec
 
 
 def _utc(t: dt.datetime) -> dt.datetime:

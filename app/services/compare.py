@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
 from app.db.models import MAX_ID, EpochMetric, Job, User
-from worker.engine.spec import RunSpec
+from domain.spec import RunSpec
 
 MIN_JOBS = 2
 MAX_JOBS = 8

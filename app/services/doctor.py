@@ -27,8 +27,8 @@ from PIL import Image, UnidentifiedImageError
 
 from app.core.errors import AppError, Unprocessable
 from app.core.settings import Settings
-from worker.engine.errors import DataError
-from worker.engine.layout import IMAGE_EXTS, JUNK_NAMES, DataSplit, Folders, discover, read_folders
+from domain.errors import DataError
+from domain.layout import IMAGE_EXTS, JUNK_NAMES, DataSplit, Folders, discover, read_folders
 
 MIN_SIDE = 32  # px: smaller images are upscaled a lot by every backbone
 FEW_TRAIN = 10  # training images per class below which a warning is given

@@ -12,8 +12,8 @@ from app.core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessabl
 from app.core.settings import Settings
 from app.db.models import FINAL_STATUSES, MAX_ID, Artifact, Job, JobEvent, JobStatus, User
 from app.services import datasets as dataset_service
-from worker.engine.catalog import CATALOG
-from worker.engine.spec import RunSpec
+from domain.catalog import CATALOG
+from domain.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def get_owned(session: Session, user: User, job_id: int) -> Job:
 def enqueue(session: Session, settings: Settings, job: Job) -> None:
     """Send the job id to the broker (after the row is committed). On broker trouble the job stays
     queued in the database (the record) and the caller gets a 503 that says so."""
-    from worker.celery_app import enqueue_job
+    from app.services.queue import enqueue_job
 
     try:
         task_id = enqueue_job(job.id, settings)

@@ -14,9 +14,9 @@ from app.core.settings import Settings
 from app.db.models import FINAL_STATUSES, Dataset, Job, JobEvent, JobStatus, User
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
-from worker.engine.advice import Advice, recommend_strategy
-from worker.engine.catalog import CATALOG
-from worker.engine.spec import ProbeSpec
+from domain.advice import Advice, recommend_strategy
+from domain.catalog import CATALOG
+from domain.spec import ProbeSpec
 
 PROBE = "probe"
 

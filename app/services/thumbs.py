@@ -15,9 +15,9 @@ from PIL import Image
 from app.core.errors import NotFound
 from app.core.settings import Settings
 from app.db.models import Dataset
-from worker.engine.errors import DataError, ImageError
-from worker.engine.images import load_image
-from worker.engine.layout import discover
+from domain.errors import DataError, ImageError
+from domain.images import load_image
+from domain.layout import discover
 
 THUMB_MAX = 160
 _CACHE_SIZE = 16

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import FINAL_STATUSES, Dataset, Job, User
 from app.services import probe as probe_service
-from app.services.advice import STRATEGIES
+from domain.advice import STRATEGIES
 
 
 def dataset_context(session: Session, user: User, ds: Dataset) -> dict:

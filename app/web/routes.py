@@ -20,10 +20,10 @@ from app.services import auth
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
 from app.services import thumbs
-from app.services.advice import STRATEGIES
+from domain.advice import STRATEGIES
 from app.web import probe as probe_pages
-from worker.engine.catalog import CATALOG
-from worker.engine.spec import DEFAULT_LR, RunSpec
+from domain.catalog import CATALOG
+from domain.spec import DEFAULT_LR, RunSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 templates = Jinja2Templates(directory=ROOT / "templates")

@@ -1,5 +1,3 @@
-"""The training engine: pure PyTorch, no web app, no ORM, no Celery.
-
-Import the submodules you need; this package itself stays torch-free so that `spec` and
-`errors` can be used by the web tier.
-"""
+"""The training engine: PyTorch only. No web app, no ORM, no Celery; it imports the torch-free `domain`
+package for the run spec, catalog, layouts, images, callbacks, results and errors, and runs from the CLI on
+CPU with tiny data. Import the submodules you need."""

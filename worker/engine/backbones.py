@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .catalog import CATALOG
-from .files import sha256_file
-from .errors import UnknownBackbone, WeightsImportError, WeightsUnavailable
+from domain.catalog import CATALOG
+from domain.files import sha256_file
+from domain.errors import UnknownBackbone, WeightsImportError, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from .backbones import Preprocessing
-from .errors import ImageError
-from .images import DEFAULT_MAX_PIXELS, _to_rgb, load_image, resize_short  # noqa: F401
-from .layout import (IMAGE_EXTS, JUNK_NAMES, TRAIN_NAMES, VAL_NAMES, DataSplit, discover,  # noqa: F401
+from domain.errors import ImageError
+from domain.images import DEFAULT_MAX_PIXELS, _to_rgb, load_image, resize_short  # noqa: F401
+from domain.layout import (IMAGE_EXTS, JUNK_NAMES, TRAIN_NAMES, VAL_NAMES, DataSplit, discover,  # noqa: F401
                      stratified_split, subsample)
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import torch
 
 from .backbones import Preprocessing
 from .data import decode_for, eval_transform, normalize
-from .errors import ImageError
+from domain.errors import ImageError
 from .modelfile import load_model
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .backbones import GraftNet, Preprocessing, build_model
-from .errors import CheckpointError
+from domain.errors import CheckpointError
 
 MODEL_FORMAT = "graft.model"
 MODEL_FORMAT_VERSION = 1

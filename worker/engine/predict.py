@@ -10,7 +10,7 @@ import torch
 
 from .backbones import Preprocessing
 from .data import eval_transform, load_image, normalize, resize_short, to_tensor_u8
-from .errors import ImageError
+from domain.errors import ImageError
 from .modelfile import load_model
 
 

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import get_info, weights_available
-from .callbacks import BatchProgress, Callbacks, CallbackList
-from .catalog import CATALOG
+from domain.callbacks import BatchProgress, Callbacks, CallbackList
+from domain.catalog import CATALOG
 from .data import train_transform
-from .errors import DataError, GraftError, RunStopped, SpecError, WeightsUnavailable
-from .layout import discover
-from .spec import ProbeSpec, RunSpec
+from domain.errors import DataError, GraftError, RunStopped, SpecError, WeightsUnavailable
+from domain.layout import discover
+from domain.spec import ProbeSpec, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _model_size(model) -> tuple[int, float]:
 
 
 def _runner(spec: RunSpec, data_dir: Path, cb: Callbacks, cache_dir, device, max_pixels: int | None = None):
-    from .images import DEFAULT_MAX_PIXELS
+    from domain.images import DEFAULT_MAX_PIXELS
     from .runner import Runner
 
     # nothing is written under out_dir: only run() writes there
@@ -297,7 +297,7 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
     sample (up to `train_per_class` / `val_per_class` images per class, at `image_size`): the linear probe is
     fitted first, the fine-tune (finetune_last:1, `epochs` epochs) starts from it, and both are scored on the
     same val images. Returns the figures `advice.recommend_strategy` takes."""
-    from .advice import paired_stderr
+    from domain.advice import paired_stderr
     from .runner import _Progress
 
     t0 = time.perf_counter()

@@ -25,14 +25,14 @@ from torch import nn
 
 from . import freeze
 from .backbones import GraftNet, Preprocessing, build_model, get_info, weights_id
-from .callbacks import BatchProgress, Callbacks, CallbackList, EpochMetric
+from domain.callbacks import BatchProgress, Callbacks, CallbackList, EpochMetric
 from .data import (DataSplit, ImageDataset, ImageStore, discover, eval_transform, normalize, subsample,
                    train_transform)
-from .errors import CheckpointError, DataError, RunStopped, SpecError
-from .evaluate import confusion_png, evaluation
-from .images import DEFAULT_MAX_PIXELS
+from domain.errors import CheckpointError, DataError, RunStopped, SpecError
+from domain.evaluate import confusion_png, evaluation
+from domain.images import DEFAULT_MAX_PIXELS
 from .modelfile import atomic_save, save_model_file
-from .spec import RunSpec
+from domain.spec import RunSpec
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 
 from app.api.deps import CurrentUser
 from app.api.schemas import BackboneOut, errors
-from worker.engine.catalog import CATALOG
+from domain.catalog import CATALOG
 
 router = APIRouter(prefix="/api/v1/backbones", tags=["backbones"], responses=errors(401))
 

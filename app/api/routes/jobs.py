@@ -18,7 +18,7 @@ from app.api.schemas import EpochMetricOut, JobCreate, JobOut, errors
 from app.core.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from app.db.models import FINAL_STATUSES, MAX_ID, EpochMetric, Job, JobEvent
 from app.services import jobs as service
-from worker.engine.spec import RunSpec
+from domain.spec import RunSpec
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=errors(401, 422))
 

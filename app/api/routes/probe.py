@@ -11,7 +11,7 @@ from app.api.schemas import JobOut, UTCDatetime, errors
 from app.core.errors import NotFound
 from app.services import datasets as dataset_service
 from app.services import probe as service
-from worker.engine.spec import ProbeSpec
+from domain.spec import ProbeSpec
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["probe"], responses=errors(401, 422))
 

@@ -6,7 +6,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .callbacks import BatchProgress, Callbacks, EpochMetric
+from domain.callbacks import BatchProgress, Callbacks, EpochMetric
 
 STAGES = {"decode": "decoding images", "features": "computing features", "train": "training", "val": "validating",
           "probe": "fitting linear classifiers", "advise": "measuring how far the images are from ImageNet"}

@@ -57,8 +57,8 @@ def train(
     """Fine-tune a pretrained backbone on a folder of labelled images."""
     from pydantic import ValidationError
 
-    from .errors import GraftError
-    from .spec import RunSpec
+    from domain.errors import GraftError
+    from domain.spec import RunSpec
 
     try:
         spec = RunSpec(backbone=backbone, pretrained=not no_pretrained, strategy=strategy, epochs=epochs, lr=lr,
@@ -70,8 +70,8 @@ def train(
         _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
                         for err in e.errors()))
     out = out or Path("runs") / f"{backbone}-{strategy.replace(':', '')}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    from .progress import RichCallbacks
-    from .runner import run
+    from cli.progress import RichCallbacks
+    from worker.engine.runner import run
 
     cb = RichCallbacks(quiet=False)
     try:
@@ -108,8 +108,8 @@ def probe(
     linear classifier on them, val accuracy, time and model size."""
     from pydantic import ValidationError
 
-    from .errors import GraftError
-    from .spec import ProbeSpec
+    from domain.errors import GraftError
+    from domain.spec import ProbeSpec
 
     try:
         spec = ProbeSpec(backbones=[b for b in backbones.split(",")] if backbones else None, advise=advise,
@@ -117,8 +117,8 @@ def probe(
     except ValidationError as e:
         _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
                         for err in e.errors()))
-    from .probe import probe as run_probe
-    from .progress import RichCallbacks
+    from worker.engine.probe import probe as run_probe
+    from cli.progress import RichCallbacks
 
     cb = RichCallbacks(quiet=False)
     try:
@@ -129,7 +129,7 @@ def probe(
         _fail(str(e))
     out = result.to_dict()
     if advise:
-        from .advice import recommend_strategy
+        from domain.advice import recommend_strategy
 
         out["advice"] = recommend_strategy(result.counts, result.measured).to_dict()
     if as_json:
@@ -168,7 +168,7 @@ def _print_leaderboard(out: dict) -> None:
 
 def backbones(as_json: bool = typer.Option(False, "--json")) -> None:
     """List every backbone and whether its pretrained weights are available on this machine."""
-    from .catalog import CATALOG
+    from domain.catalog import CATALOG
 
     rows = [{"name": e.name, "description": e.description, "params": e.params, "image_size": e.image_size,
              "pretrained_available": e.weights_available(), "weights_file": str(e.weights_path()),
@@ -195,8 +195,8 @@ def weights_import(
     backbone: str = typer.Option(..., help="Which backbone the file is for."),
 ) -> None:
     """Check a downloaded weights file (sha256, tensor shapes) and put it in the TORCH_HOME cache."""
-    from .backbones import import_weights
-    from .errors import GraftError
+    from worker.engine.backbones import import_weights
+    from domain.errors import GraftError
 
     try:
         target = import_weights(file, backbone)
@@ -212,8 +212,8 @@ def predict(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Classify images with a trained model."""
-    from .errors import GraftError
-    from .predict import Predictor
+    from domain.errors import GraftError
+    from worker.engine.predict import Predictor
 
     try:
         res = Predictor(model).predict(images, top_k=top_k)
@@ -238,9 +238,9 @@ def export(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Export a trained model to TorchScript and ONNX (checked against PyTorch with onnxruntime), with its model card."""
-    from .errors import GraftError
-    from .export import export_all
-    from .layout import discover
+    from domain.errors import GraftError
+    from worker.engine.export import export_all
+    from domain.layout import discover
 
     try:
         check = [p for p, _ in discover(data).val] if data else []

@@ -1,5 +1,5 @@
-"""The `graft` command. Commands that need torch import it lazily, inside their bodies; the web commands
-import the web app lazily too, so `graft --help` stays fast."""
+"""The `graft` commands that run the server side: the web app, workers, the inference service, the
+database and accounts. They import the web app and the worker bridge lazily, so `graft --help` stays fast."""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,17 +13,10 @@ from typing import Optional
 
 import typer
 
-from worker.engine.cli import register
+from app.db.migrate import run_migrations
 
-ROOT = Path(__file__).resolve().parents[1]
-
-app = typer.Typer(help="Graft: transfer learning on images, from the command line or the browser.",
-                  no_args_is_help=True, add_completion=False)
-register(app)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 user_app = typer.Typer(help="Users.", no_args_is_help=True)
-app.add_typer(token_app, name="token")
-app.add_typer(user_app, name="user")
 
 
 def _settings():
@@ -36,22 +29,11 @@ def _settings():
     return s
 
 
-def run_migrations(url: str) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(cfg, "head")
-
-
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
-@app.command()
 def migrate() -> None:
     """Upgrade the database to the latest schema (Alembic)."""
     s = _settings()
@@ -101,12 +83,11 @@ def token_create(name: str = typer.Option(..., "--name", help="What the token is
     typer.echo(token)
 
 
-@app.command()
 def worker(concurrency: int = typer.Option(1, help="Jobs run at the same time by this worker."),
            loglevel: str = typer.Option("INFO")) -> None:
     """Run a worker that trains queued jobs (on any host that shares GRAFT_DATA_DIR and the database)."""
     s = _settings()
-    from worker.celery_app import QUEUE
+    from app.services.queue import QUEUE
     from worker.tasks import celery_app
 
     argv = ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "-Q", QUEUE,
@@ -136,7 +117,6 @@ def requeue_orphans(S, settings) -> None:
         send_job(S, settings, jid, task_id)
 
 
-@app.command()
 def reconcile(wait: float = typer.Option(2.0, help="Seconds between the two looks at the broker (a message "
                                                    "missing at both is taken as lost).")) -> None:
     """Once: re-queue (or fail) jobs whose worker stopped responding, and send queued jobs the broker does
@@ -191,7 +171,6 @@ def _worker_child() -> None:
         pass
 
 
-@app.command()
 def inference(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8001),
               cache_size: int = typer.Option(4, help="Models kept loaded.")) -> None:
     """Run the inference service that answers POST /api/v1/jobs/{id}/predict (set GRAFT_INFERENCE_URL on the web)."""
@@ -211,7 +190,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@app.command()
 def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           port: int = typer.Option(8000, help="Port to listen on."),
           no_worker: bool = typer.Option(False, "--no-worker", help="Do not start a local worker."),
@@ -234,11 +212,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     children = []
     env = {**os.environ, "GRAFT_DATA_DIR": str(s.data_dir)}
     if not no_worker:
-        children.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
+        children.append(subprocess.Popen([sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"],
                                          env=env, preexec_fn=_worker_child))
     if not s.inference_url:
         iport = _free_port()
-        children.append(subprocess.Popen([sys.executable, "-m", "app.cli", "inference", "--port", str(iport)],
+        children.append(subprocess.Popen([sys.executable, "-m", "cli", "inference", "--port", str(iport)],
                                          env=env, preexec_fn=_die_with_parent))
         os.environ["GRAFT_INFERENCE_URL"] = f"http://127.0.0.1:{iport}"
         from app.core.settings import get_settings
@@ -271,9 +249,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
         typer.echo("Graft stopped.")
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    for command in (migrate, worker, reconcile, inference, serve):
+        app.command()(command)
+    app.add_typer(token_app, name="token")
+    app.add_typer(user_app, name="user")

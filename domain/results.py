@@ -1,0 +1,177 @@
+"""What the engine hands back, typed: the run summary (a train job's stored result), the evaluation report,
+the export checks and a backbone comparison's leaderboard. Torch-free and Pydantic, so that the engine
+produces them, the worker bridge stores them as JSON (`model_dump(mode="json")`), and the web tier reads them
+back (`RunSummary.from_stored(job.result)`) and uses them as response models, so `/docs` shows every field.
+
+Stored results outlive the code that wrote them: every model accepts the fields of older (or newer) versions
+(`extra="allow"`, defaults for fields added later), and `from_stored` reads a missing or unreadable result as
+None instead of failing a page.
+"""
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+M = TypeVar("M", bound="Result")
+
+
+class Result(BaseModel):
+    """Base of the stored results: tolerant of fields it does not know."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @classmethod
+    def from_stored(cls: type[M], data: object) -> M | None:
+        """The stored JSON as this model, or None when there is none or it does not fit (an old row)."""
+        if not isinstance(data, dict):
+            return None
+        try:
+            return cls.model_validate(data)
+        except ValidationError:
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON to store (a job's `result` column, metrics.json)."""
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class ClassScores(Result):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class Mistake(Result):
+    """A misclassified val image (most confident mistakes first)."""
+
+    file: str = Field(description="The image's path relative to the dataset folder.")
+    true: str
+    predicted: str
+    confidence: float = Field(description="The predicted class's probability.")
+    true_class_probability: float
+
+
+class EvaluationReport(Result):
+    """How good the model is on the val set."""
+
+    accuracy: float
+    macro_f1: float
+    confusion_matrix: list[list[int]] = Field(description="Rows: true class; columns: predicted class.")
+    classes: list[str]
+    per_class: dict[str, ClassScores]
+    top_k: dict[str, float] = Field(default_factory=dict, description="top3/top5 accuracy (more than 5 classes).")
+    mistakes: list[Mistake] = Field(default_factory=list)
+    images: int = 0
+    val_set: str | None = Field(None, description="Id of the set of val images (see y_true, y_pred).")
+    y_true: list[int] = Field(default_factory=list, description="True class index of each val image, in sorted "
+                                                                 "file order.")
+    y_pred: list[int] = Field(default_factory=list, description="Predicted class index, same order.")
+
+
+# ---------------------------------------------------------------- exports
+
+
+class Parity(Result):
+    """An export checked against the PyTorch model on the val images."""
+
+    images: int
+    max_abs_prob_diff: float
+    top1_agreement: float
+
+
+class ExportCheck(Result):
+    """One export of a trained model: whether it is offered, and why not."""
+
+    format: str
+    ok: bool
+    error: str | None = None
+    parity: Parity | None = None
+
+
+# ---------------------------------------------------------------- a training run
+
+
+class RunSummary(Result):
+    """A finished run: the figures of its best epoch, what it saw, and (in a job's stored result) the
+    evaluation report and the exports."""
+
+    status: str = Field(description="completed | early_stopped | stopped")
+    val_acc: float | None = None
+    val_loss: float | None = None
+    best_epoch: int | None = None
+    epochs_run: int = 0
+    seconds: float = 0.0
+    train_images_per_s: float = 0.0
+    classes: list[str] = Field(default_factory=list)
+    counts: dict[str, dict[str, int]] | None = Field(None, description="Images per split and class.")
+    model_path: str | None = None
+    device: str = "cpu"
+    macro_f1: float | None = None
+    skipped: list[str] = Field(default_factory=list, description="Images that could not be used, by name.")
+    warnings: list[str] = Field(default_factory=list)
+    report: EvaluationReport | None = None
+    exports: list[ExportCheck] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- a backbone comparison
+
+
+class ProbeRow(Result):
+    """One backbone on the leaderboard: a linear probe on its frozen features (or why it could not run)."""
+
+    backbone: str
+    pretrained: bool = True
+    rank: int | None = Field(None, description="1 = best val accuracy; None for a backbone that failed.")
+    val_acc: float | None = None
+    val_loss: float | None = None
+    seconds: float | None = None
+    feature_seconds: float | None = None
+    fit_seconds: float | None = None
+    images_per_s: float | None = None
+    params: int | None = None
+    size_mb: float | None = None
+    weights: str | None = None
+    image_size: int | None = None
+    feature_dim: int | None = None
+    cached: bool | None = None
+    l2: float | None = None
+    cv_acc: float | None = None
+    train_images: int | None = None
+    val_images: int | None = None
+    skipped: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+
+class DomainGap(Result):
+    """The advisor's measurement: a linear probe against a short fine-tune of the last block on a sample."""
+
+    backbone: str
+    probe_acc: float
+    finetune_acc: float
+    gain: float
+    stderr: float
+    val_images: int
+    train_images: int
+    image_size: int
+    epochs: int
+    finetuned: str | list[str] | None = None
+    seconds: float = 0.0
+
+
+class ProbeResult(Result):
+    """A backbone comparison: the ranked leaderboard and, when asked for, the domain-gap measurement."""
+
+    status: str = Field(description="completed | stopped")
+    classes: list[str] = Field(default_factory=list)
+    counts: dict[str, dict[str, int]] = Field(default_factory=dict)
+    layout: str = ""
+    rows: list[ProbeRow] = Field(default_factory=list, description="Best first; failed backbones last.")
+    measured: DomainGap | None = None
+    seconds: float = 0.0
+    device: str = "cpu"
+    warnings: list[str] = Field(default_factory=list)

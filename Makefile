@@ -21,7 +21,10 @@ chromium:
 	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)); } || \
 	  echo "warning: /usr/bin/chromium is missing and could not be installed: the browser tests will not run"
 
+# linters first (ruff: pyflakes, pycodestyle, isort, bugbear, pyupgrade; mypy, strict on domain/), then the tests
 test: setup chromium
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 run: setup

@@ -136,7 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
-            from app.web.routes import html_not_found, wants_html
+            from app.web.render import html_not_found, wants_html
 
             if wants_html(request):
                 return html_not_found(request)

@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from domain.spec import RunSpec  # noqa: E402
 from worker.engine import freeze  # noqa: E402
 from worker.engine.backbones import build_model, get_info  # noqa: E402
 from worker.engine.runner import set_cpu_threads  # noqa: E402
-from domain.spec import RunSpec  # noqa: E402
 
 
 def measure(args, variant: str, device: torch.device) -> dict:

@@ -37,10 +37,19 @@ import time
 from pathlib import Path
 
 import httpx
-
-from _common import (DATASETS, ROOT, Serve, command_line, cpu_name, dataset_zip, descendants,  # noqa: E402
-                     exit_on_sigterm, gpu_note, loadavg, python_speed)
-
+from _common import (  # noqa: E402
+    DATASETS,
+    ROOT,
+    Serve,
+    command_line,
+    cpu_name,
+    dataset_zip,
+    descendants,
+    exit_on_sigterm,
+    gpu_note,
+    loadavg,
+    python_speed,
+)
 
 # ---------------------------------------------------------------- SSE clients
 

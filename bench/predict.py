@@ -61,16 +61,16 @@ def main() -> None:
     # bench/run.py's timeout sends SIGTERM: stop the servers below (finally) instead of leaving them behind
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    from app.db.migrate import run_migrations
     from app.core.settings import Settings
+    from app.db.migrate import run_migrations
     from app.db.models import Artifact, Dataset, Job
     from app.db.session import session_factory
     from app.services import auth
-    from worker.engine.data import normalize
     from domain.files import sha256_file
+    from domain.spec import RunSpec
+    from worker.engine.data import normalize
     from worker.engine.predict import Predictor
     from worker.engine.runner import run
-    from domain.spec import RunSpec
 
     work = Path(tempfile.mkdtemp(prefix="graft-predict-bench-"))
     settings = Settings(_env_file=None, data_dir=work / "data")
@@ -100,7 +100,7 @@ def main() -> None:
         ds = Dataset(owner_id=user.id, name="bench", path=str(a.data), classes=res.classes, counts={}, warnings=[])
         db.add(ds)
         db.flush()
-        job = Job(owner_id=user.id, dataset_id=ds.id, spec={}, status="succeeded", result=res.summary())
+        job = Job(owner_id=user.id, dataset_id=ds.id, spec={}, status="succeeded", result=res.summary().to_json())
         db.add(job)
         db.flush()
         p = run_dir / "model.pt"

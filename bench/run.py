@@ -53,8 +53,19 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATASETS, GRAFT, ROOT, SHARED, command_line, count_split, cpu_name, loadavg,  # noqa: E402
-                     make_slice, mem_total_gib, python_speed)
+from _common import (  # noqa: E402
+    DATASETS,
+    GRAFT,
+    ROOT,
+    SHARED,
+    command_line,
+    count_split,
+    cpu_name,
+    loadavg,
+    make_slice,
+    mem_total_gib,
+    python_speed,
+)
 
 REF = SHARED / "bench" / "ref_train.py"
 BENCH = ROOT / "bench"
@@ -114,7 +125,7 @@ class Bench:
                 proc.kill()
                 stdout, stderr = proc.communicate()
             log.write_text(f"$ {shown}\n--- timed out after {timeout} s\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
-            raise PartFailed(f"`{shown}` timed out after {timeout:.0f} s (log: {_rel(log)})")
+            raise PartFailed(f"`{shown}` timed out after {timeout:.0f} s (log: {_rel(log)})")  # noqa: B904
         except BaseException:  # Ctrl-C: the child got it too; let it clean up
             try:
                 proc.communicate(timeout=60)
@@ -403,7 +414,7 @@ def report(res: dict) -> str:
           f"- The whole run took {_f((res.get('total_seconds') or 0) / 60, 1)} minutes. Command:", "",
           f"      {res['command']}", ""]
     for name, d in res.get("datasets", {}).items():
-        tr, va = d["counts"]["train"], d["counts"]["val"]
+        tr, va = d["counts"]["train"], d["counts"]["val"]  # noqa: F841
         where = (f"`{_rel(d['path'])}`" if d["files_as"] == "the folder itself" else
                  f"`$BENCH_TMP/data/{name}` in the commands below (a temporary folder of this run)")
         L.append(f"- Data `{name}`: {d['note']}; {d['train_images']} train / {d['val_images']} val images, "

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from _common import DATASETS, ROOT, Serve, command_line, cpu_name, dataset_zip, exit_on_sigterm, loadavg
 
 sys.path.insert(0, str(ROOT))

@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -25,7 +24,10 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graft")
+    """The same cache as the server's (domain.paths): $GRAFT_CACHE_DIR, else <$GRAFT_DATA_DIR or graft-data>/cache."""
+    from domain.paths import default_cache_dir as shared_default
+
+    return shared_default()
 
 
 def train(
@@ -33,25 +35,25 @@ def train(
     backbone: str = typer.Option("efficientnet_lite0", help="See `graft backbones`."),
     strategy: str = typer.Option("features", help="features | finetune_last:N | full | two_stage"),
     epochs: int = typer.Option(10, min=1),
-    lr: Optional[float] = typer.Option(None, help="Base learning rate (default depends on the strategy)."),
+    lr: float | None = typer.Option(None, help="Base learning rate (default depends on the strategy)."),
     batch_size: int = typer.Option(32, min=1),
-    image_size: Optional[int] = typer.Option(None, help="Input size (default: the backbone's)."),
+    image_size: int | None = typer.Option(None, help="Input size (default: the backbone's)."),
     augment: str = typer.Option("light", help="none | light | standard"),
     seed: int = typer.Option(0),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default: runs/<backbone>-<time>)."),
+    out: Path | None = typer.Option(None, help="Output folder (default: runs/<backbone>-<time>)."),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init instead of ImageNet weights."),
-    head_epochs: Optional[int] = typer.Option(None, help="two_stage: epochs of the head-only stage."),
+    head_epochs: int | None = typer.Option(None, help="two_stage: epochs of the head-only stage."),
     optimizer: str = typer.Option("adamw", help="adamw | sgd"),
     schedule: str = typer.Option("cosine", help="cosine | step | constant"),
-    patience: Optional[int] = typer.Option(5, help="Early stopping patience on val loss (0 disables)."),
+    patience: int | None = typer.Option(5, help="Early stopping patience on val loss (0 disables)."),
     label_smoothing: float = typer.Option(0.1),
     feature_views: int = typer.Option(2, help="Frozen backbone: augmented views per train image."),
     val_fraction: float = typer.Option(0.2, help="Val share when the data has no val split."),
-    max_train_images: Optional[int] = typer.Option(None, help="Train on a stratified subset."),
+    max_train_images: int | None = typer.Option(None, help="Train on a stratified subset."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.pt."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default $GRAFT_CACHE_DIR or ~/.cache/graft)."),
+    cache_dir: Path | None = typer.Option(None, help="Feature cache (default $GRAFT_CACHE_DIR, else <$GRAFT_DATA_DIR or graft-data>/cache)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+    device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line (last line of stdout)."),
 ) -> None:
     """Fine-tune a pretrained backbone on a folder of labelled images."""
@@ -80,7 +82,7 @@ def train(
                          (cache_dir or default_cache_dir()), device=device)
     except GraftError as e:
         _fail(str(e))
-    summary = result.summary()
+    summary = result.summary().to_json()
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
@@ -91,17 +93,17 @@ def train(
 
 def probe(
     data_dir: Path = typer.Argument(..., help="Folder with train/ and val/ (or train/ only, or class folders)."),
-    backbones: Optional[str] = typer.Option(None, help="Comma-separated backbones (default: every one whose "
+    backbones: str | None = typer.Option(None, help="Comma-separated backbones (default: every one whose "
                                                        "pretrained weights are on this machine)."),
     advise: bool = typer.Option(False, "--advise", help="Also measure how far the images are from ImageNet (a "
                                                         "short fine-tune on a sample) and recommend a strategy."),
     random_init: bool = typer.Option(False, "--random-init", help="Also probe each backbone from random weights "
                                                                   "(a baseline: what pretraining is worth)."),
-    image_size: Optional[int] = typer.Option(None, help="Input size (default: each backbone's)."),
+    image_size: int | None = typer.Option(None, help="Input size (default: each backbone's)."),
     seed: int = typer.Option(0),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default $GRAFT_CACHE_DIR or ~/.cache/graft)."),
+    cache_dir: Path | None = typer.Option(None, help="Feature cache (default $GRAFT_CACHE_DIR, else <$GRAFT_DATA_DIR or graft-data>/cache)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+    device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line (last line of stdout)."),
 ) -> None:
     """Rank backbones on a dataset: frozen features (cached: `graft train --strategy features` reuses them), a
@@ -117,8 +119,8 @@ def probe(
     except ValidationError as e:
         _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
                         for err in e.errors()))
-    from worker.engine.probe import probe as run_probe
     from cli.progress import RichCallbacks
+    from worker.engine.probe import probe as run_probe
 
     cb = RichCallbacks(quiet=False)
     try:
@@ -195,8 +197,8 @@ def weights_import(
     backbone: str = typer.Option(..., help="Which backbone the file is for."),
 ) -> None:
     """Check a downloaded weights file (sha256, tensor shapes) and put it in the TORCH_HOME cache."""
-    from worker.engine.backbones import import_weights
     from domain.errors import GraftError
+    from worker.engine.backbones import import_weights
 
     try:
         target = import_weights(file, backbone)
@@ -231,16 +233,16 @@ def predict(
 
 def export(
     model: Path = typer.Argument(..., help="A model.pt written by `graft train`."),
-    data: Optional[Path] = typer.Option(None, help="The dataset folder: its val images check the ONNX export "
+    data: Path | None = typer.Option(None, help="The dataset folder: its val images check the ONNX export "
                                                    "(default: random inputs)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default: next to the model)."),
+    out: Path | None = typer.Option(None, help="Output folder (default: next to the model)."),
     formats: str = typer.Option("torchscript,onnx", help="Comma-separated: torchscript, onnx."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Export a trained model to TorchScript and ONNX (checked against PyTorch with onnxruntime), with its model card."""
     from domain.errors import GraftError
-    from worker.engine.export import export_all
     from domain.layout import discover
+    from worker.engine.export import export_all
 
     try:
         check = [p for p, _ in discover(data).val] if data else []

@@ -2,14 +2,11 @@
 database and accounts. They import the web app and the worker bridge lazily, so `graft --help` stays fast."""
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -66,7 +63,7 @@ def user_create(name: str = typer.Argument(..., help="The new user's name.")) ->
 
 @token_app.command("create")
 def token_create(name: str = typer.Option(..., "--name", help="What the token is for."),
-                 user: Optional[str] = typer.Option(None, "--user", help="Whose token (default: the default user).")) -> None:
+                 user: str | None = typer.Option(None, "--user", help="Whose token (default: the default user).")) -> None:
     """Create an API token; the token alone is printed on the last line."""
     from app.core.errors import AppError
     from app.services import auth
@@ -86,7 +83,7 @@ def token_create(name: str = typer.Option(..., "--name", help="What the token is
 def worker(concurrency: int = typer.Option(1, help="Jobs run at the same time by this worker."),
            loglevel: str = typer.Option("INFO")) -> None:
     """Run a worker that trains queued jobs (on any host that shares GRAFT_DATA_DIR and the database)."""
-    s = _settings()
+    s = _settings()  # noqa: F841
     from app.services.queue import QUEUE
     from worker.tasks import celery_app
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 FEATURES_MAX_PER_CLASS = 150  # "little data": at most this many train images per class
 TWO_STAGE_MAX_PER_CLASS = 1000  # above: "plenty of data"
@@ -40,7 +41,7 @@ class Advice:
     smallest: int  # train images of the smallest class
     source: str = "size"  # "size": data size alone; "measured": size and the measured domain gap
     domain: str | None = None  # "near" or "distant" when measured
-    measured: dict | None = None  # the measurement the advice rests on (see `domain_gap_summary`)
+    measured: dict[str, Any] | None = None  # the measurement the advice rests on (see `domain_gap_summary`)
     hint: str | None = None  # how to get a better advice, when there is one
 
     @property
@@ -48,7 +49,7 @@ class Advice:
         """"finetune_last" for "finetune_last:2" (the key of the strategy's description)."""
         return self.strategy.split(":", 1)[0]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -62,7 +63,7 @@ def paired_stderr(n: int, only_probe_right: int, only_finetune_right: int) -> fl
     return math.sqrt(max(var, 0.0))
 
 
-def classify_domain(measured: dict) -> tuple[str, str]:
+def classify_domain(measured: dict[str, Any]) -> tuple[str, str]:
     """("near" | "distant", a plain-words sentence on what was measured)."""
     probe, ft = float(measured["probe_acc"]), float(measured["finetune_acc"])
     gain = ft - probe
@@ -88,7 +89,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def recommend_strategy(counts: dict, measured: dict | None = None) -> Advice:
+def recommend_strategy(counts: dict[str, Any], measured: dict[str, Any] | None = None) -> Advice:
     """`counts` is a dataset's {"train": {class: n}, "val": {class: n}} (or just {class: n} of train).
     `measured` (optional) is a domain-gap measurement: {"probe_acc", "finetune_acc", and optionally
     "stderr", "val_images", "backbone"}; without it the size alone decides. Never raises on odd input."""
@@ -149,7 +150,7 @@ def recommend_strategy(counts: dict, measured: dict | None = None) -> Advice:
         reason += (f" Note: the smallest class has only {smallest} training image{'s' if smallest != 1 else ''}; "
                    "add more if you can, results on it will be unreliable.")
     return Advice(strategy, reason, epochs, per_class, smallest, source="measured" if domain else "size",
-                  domain=domain, measured=dict(measured) if domain else None,
+                  domain=domain, measured=dict(measured) if domain and measured is not None else None,
                   hint=None if domain else MEASURE_HINT)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -20,7 +21,7 @@ class EpochMetric:
     eta: float  # estimated seconds left
     is_best: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -39,7 +40,7 @@ class BatchProgress:
 class Callbacks:
     """Override what you need. `should_stop` is polled between batches: return True to cancel."""
 
-    def on_start(self, info: dict) -> None: ...
+    def on_start(self, info: dict[str, Any]) -> None: ...
 
     def on_message(self, message: str) -> None: ...
 
@@ -54,28 +55,28 @@ class Callbacks:
 
 
 class CallbackList(Callbacks):
-    def __init__(self, *cbs: Callbacks | None):
+    def __init__(self, *cbs: Callbacks | None) -> None:
         self.cbs = [c for c in cbs if c is not None]
 
-    def on_start(self, info):
+    def on_start(self, info: dict[str, Any]) -> None:
         for c in self.cbs:
             c.on_start(info)
 
-    def on_message(self, message):
+    def on_message(self, message: str) -> None:
         for c in self.cbs:
             c.on_message(message)
 
-    def on_progress(self, p):
+    def on_progress(self, p: BatchProgress) -> None:
         for c in self.cbs:
             c.on_progress(p)
 
-    def on_epoch_end(self, m):
+    def on_epoch_end(self, m: EpochMetric) -> None:
         for c in self.cbs:
             c.on_epoch_end(m)
 
-    def on_checkpoint(self, path, kind):
+    def on_checkpoint(self, path: Path, kind: str) -> None:
         for c in self.cbs:
             c.on_checkpoint(path, kind)
 
-    def should_stop(self):
+    def should_stop(self) -> bool:
         return any(c.should_stop() for c in self.cbs)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,7 +16,7 @@ def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n: int) -> np
     return cm
 
 
-def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict:
+def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, the confusion matrix and per-class precision, recall, F1 and support.
     A class never predicted has precision 0; one absent from y_true has recall 0 (support 0)."""
     n = len(classes)
@@ -55,7 +57,7 @@ def top_k_accuracy(probs: np.ndarray, y_true: Sequence[int], ks: Sequence[int] =
 
 
 def mistakes(probs: np.ndarray, y_true: Sequence[int], files: Sequence[str], classes: Sequence[str],
-             limit: int = 60) -> list[dict]:
+             limit: int = 60) -> list[dict[str, Any]]:
     """Misclassified images, most confident mistakes first."""
     probs = np.asarray(probs)
     pred = probs.argmax(1)
@@ -72,7 +74,7 @@ def val_set_id(files: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()[:16]
 
 
-def predictions(y_true: Sequence[int], y_pred: Sequence[int], files: Sequence[str]) -> dict:
+def predictions(y_true: Sequence[int], y_pred: Sequence[int], files: Sequence[str]) -> dict[str, Any]:
     """Each val image's true and predicted class index, in the order of the sorted file paths (whatever
     order the run saw them in), with the id of that set of files: two runs on the same val images can be
     compared image by image (a paired bootstrap). Ints only, to keep the stored report small."""
@@ -81,7 +83,8 @@ def predictions(y_true: Sequence[int], y_pred: Sequence[int], files: Sequence[st
             "y_pred": [int(y_pred[i]) for i in order]}
 
 
-def evaluation(probs: np.ndarray, y_true: Sequence[int], files: Sequence[str], classes: Sequence[str]) -> dict:
+def evaluation(probs: np.ndarray, y_true: Sequence[int], files: Sequence[str],
+               classes: Sequence[str]) -> dict[str, Any]:
     """The classification report plus top-k accuracy (more than 5 classes), the mistakes gallery and the
     per-image predictions (see `predictions`)."""
     probs = np.asarray(probs)
@@ -94,12 +97,12 @@ def evaluation(probs: np.ndarray, y_true: Sequence[int], files: Sequence[str], c
     return rep
 
 
-def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], path) -> None:
+def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path) -> None:
     """Draw the confusion matrix (rows = true class, columns = predicted) as a PNG a person can read:
     cells shaded by the share of their row, with counts and class names."""
     from PIL import Image, ImageDraw, ImageFont
 
-    cm = np.asarray(cm, dtype=float)
+    counts = np.asarray(cm, dtype=float)
     n = len(classes)
     font = ImageFont.load_default(size=14) if hasattr(ImageFont, "load_default") else None
     names = [c if len(c) <= 18 else c[:17] + "…" for c in classes]
@@ -112,8 +115,8 @@ def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], path) -> 
     d = ImageDraw.Draw(img)
     d.text((left, 8), "predicted class (columns)", fill="black", font=font)
     d.text((4, top - 22), "true class (rows)", fill="black", font=font)
-    rows = cm.sum(1, keepdims=True)
-    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    rows = counts.sum(1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     for i in range(n):
         d.text((8, top + i * cell + cell // 2 - 7), names[i], fill="black", font=font)
         col = Image.new("RGBA", (label_w, 18), (255, 255, 255, 0))
@@ -126,6 +129,6 @@ def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], path) -> 
                 (int(255 - 30 * s), int(255 - 170 * s), int(255 - 170 * s))
             x0, y0 = left + j * cell, top + i * cell
             d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color, outline=(200, 200, 200))
-            txt = str(int(cm[i, j]))
+            txt = str(int(counts[i, j]))
             d.text((x0 + cell // 2 - 4 * len(txt), y0 + cell // 2 - 8), txt, fill="black", font=font)
     img.save(path, format="PNG")

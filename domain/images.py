@@ -42,11 +42,12 @@ def load_image(path: str | Path | BinaryIO, min_short_side: int | None = None,
     """Open an image (a path, or a binary file object named by `name`) safely: refuse decompression
     bombs, apply EXIF orientation, convert any mode to RGB. With `min_short_side`, JPEGs are decoded at a
     reduced scale that still covers it (faster). Raises ImageError with the reason for anything unusable."""
+    source: Path | BinaryIO
+    named: Path | _Named
     if isinstance(path, (str, Path)):
-        path = Path(path)
-        source = path
+        source = named = Path(path)
     else:
-        source, path = path, _Named(name or "image")
+        source, named = path, _Named(name or "image")
     try:
         if isinstance(source, Path):
             empty = source.stat().st_size == 0
@@ -54,35 +55,34 @@ def load_image(path: str | Path | BinaryIO, min_short_side: int | None = None,
             empty = not source.read(1)
             source.seek(0)
         if empty:
-            raise ImageError(f"{path.name}: empty file (0 bytes)")
+            raise ImageError(f"{named.name}: empty file (0 bytes)")
         with Image.open(source) as img:
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError(f"{path.name}: {w}x{h} pixels is over the limit of {max_pixels} "
+                raise ImageError(f"{named.name}: {w}x{h} pixels is over the limit of {max_pixels} "
                                  "(a decompression bomb or a huge scan): resize it below that")
             if min_short_side and img.format == "JPEG":
                 scale = min(w, h) / min_short_side
                 if scale >= 2:
                     img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return _to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path.name}: refused as a decompression bomb ({e})") from None
+        raise ImageError(f"{named.name}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path.name}: not an image Pillow can read (wrong extension or corrupt)") from None
+        raise ImageError(f"{named.name}: not an image Pillow can read (wrong extension or corrupt)") from None
     except (OSError, ValueError, SyntaxError) as e:
         msg = str(e) or e.__class__.__name__
         if "truncated" in msg.lower():
             msg = "truncated file"
-        raise ImageError(f"{path.name}: unreadable ({msg})") from None
+        raise ImageError(f"{named.name}: unreadable ({msg})") from None
 
 
 def resize_short(img: Image.Image, short: int, interpolation: str = "bilinear") -> Image.Image:
     w, h = img.size
     s = short / min(w, h)
     size = (max(short, round(w * s)), max(short, round(h * s)))
-    resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
+    resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
     return img.resize(size, resample, reducing_gap=3.0)

@@ -230,7 +230,7 @@ def subsample(items: list[tuple[Path, int]], n: int, seed: int) -> list[tuple[Pa
     if n >= len(items):
         return items
     rng = random.Random(seed)
-    by: dict[int, list] = {}
+    by: dict[int, list[tuple[Path, int]]] = {}
     for it in items:
         by.setdefault(it[1], []).append(it)
     groups = sorted(by.items())

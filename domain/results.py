@@ -32,8 +32,9 @@ class Result(BaseModel):
             return None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON to store (a job's `result` column, metrics.json)."""
-        return self.model_dump(mode="json")
+        """The JSON to store (a job's `result` column, metrics.json): the fields that were given, so that a
+        stored result reads back as the same JSON."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -5,9 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-HYMENOPTERA = SHARED / "hymenoptera"
+from support.paths import HYMENOPTERA
 
 # tests never download weights
 os.environ.setdefault("GRAFT_OFFLINE", "1")

@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import ROOT
 
 
 def run_python(code: str, tmp_path: Path) -> str:
@@ -45,7 +45,7 @@ def test_web_tier_does_not_import_torch(tmp_path):
         assert r.status_code == 200, r.text
         bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "timm"))
         print("BAD", bad[:10])
-    """ % str(tmp_path / "data"), tmp_path)
+    """ % str(tmp_path / "data"), tmp_path)  # noqa: UP031
     assert "BAD []" in out, out
 
 

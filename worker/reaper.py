@@ -38,7 +38,7 @@ SEND_GRACE_S = 5.0
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def last_sign_of_life():

@@ -12,8 +12,8 @@ import datetime as dt
 import logging
 import socket
 import threading
-from pathlib import Path
 import time
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,6 +24,7 @@ from app.db.session import session_factory
 from domain.callbacks import BatchProgress, Callbacks
 from domain.callbacks import EpochMetric as EngineEpoch
 from domain.files import sha256_file
+from domain.results import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def shutting_down() -> bool:
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def add_event(s: Session, job_id: int, kind: str, data: dict) -> None:
@@ -239,8 +240,8 @@ def execute(job_id: int, settings: Settings | None = None) -> str:
 def _execute(job_id: int, settings: Settings) -> str:
     S = session_factory(settings.db_url)
     # import the engine (torch: seconds) before the claim, so that the job's heartbeat starts right after it
-    from worker.engine.runner import run
     from domain.spec import RunSpec
+    from worker.engine.runner import run
 
     if shutting_down():  # a message taken while this worker stops: leave the job to another worker
         with S() as s:
@@ -300,10 +301,9 @@ def _execute(job_id: int, settings: Settings) -> str:
                     s.add(Artifact(job_id=job_id, kind=kind, path=str(p.relative_to(settings.data_dir)),
                                    size=p.stat().st_size, sha256=sha256_file(p)))
             s.commit()
-        summary = result.summary()
-        summary["report"] = result.report
-        summary["exports"] = exports
-        ok = _finish(S, job_id, JobStatus.succeeded.value, None, summary, attempt=attempt)
+        summary = RunSummary.model_validate({**result.summary().to_json(), "report": result.report,
+                                             "exports": exports})
+        ok = _finish(S, job_id, JobStatus.succeeded.value, None, summary.to_json(), attempt=attempt)
         return "succeeded" if ok else "superseded"
     finally:
         heartbeat.stop()

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer

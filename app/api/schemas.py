@@ -12,7 +12,7 @@ from domain.spec import RunSpec
 def _utc(t: dt.datetime) -> dt.datetime:
     """SQLite hands back naive datetimes (stored as UTC), PostgreSQL aware ones in the session's zone:
     the API always answers in UTC with an explicit offset, so clients never read them as local time."""
-    return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
 
 
 UTCDatetime = Annotated[dt.datetime, AfterValidator(_utc)]

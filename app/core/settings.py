@@ -81,7 +81,9 @@ class Settings(BaseSettings):
 
     @property
     def features_cache_dir(self) -> Path:
-        return self.cache_dir or self.data_dir / "cache"
+        from domain.paths import default_cache_dir
+
+        return self.cache_dir or default_cache_dir(self.data_dir)
 
     def ensure_dirs(self) -> None:
         for d in (self.data_dir, self.datasets_dir, self.runs_dir, self.uploads_dir, self.broker_dir / "queue",

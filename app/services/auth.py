@@ -17,7 +17,7 @@ LOGIN_TTL = dt.timedelta(hours=24)
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def hash_token(token: str) -> str:
@@ -58,7 +58,7 @@ def create_token(session: Session, user: User, name: str, kind: str = "api",
 
 
 def _aware(t: dt.datetime | None) -> dt.datetime | None:
-    return t.replace(tzinfo=dt.timezone.utc) if t is not None and t.tzinfo is None else t
+    return t.replace(tzinfo=dt.UTC) if t is not None and t.tzinfo is None else t
 
 
 def lookup(session: Session, token: str, kinds: tuple[str, ...]) -> ApiToken | None:

@@ -20,7 +20,8 @@ A difference is "real" when its 95% interval excludes zero, "within noise" when 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -152,7 +153,7 @@ def parse_ids(raw: str | Iterable[str] | None) -> list[int]:
 def _utc(t: dt.datetime | None) -> str | None:
     if t is None:
         return None
-    return (t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)).isoformat()
+    return (t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)).isoformat()
 
 
 def _outcomes(report: dict) -> tuple[int, int, np.ndarray | None]:
@@ -221,7 +222,7 @@ def per_class(reports: list[dict]) -> list[dict]:
     """F1 of every class for each job, and its difference from the baseline's (the first job)."""
     classes: list[str] = []
     for r in reports:
-        classes += [c for c in (r.get("classes") or list((r.get("per_class") or {}))) if c not in classes]
+        classes += [c for c in (r.get("classes") or list(r.get("per_class") or {})) if c not in classes]
     rows = []
     for c in classes:
         f1 = [((r.get("per_class") or {}).get(c) or {}).get("f1") for r in reports]

@@ -17,11 +17,12 @@ import os
 import re
 import shutil
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterable, NoReturn
+from typing import NoReturn
 
 from PIL import Image, UnidentifiedImageError
 

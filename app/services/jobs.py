@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def get_owned(session: Session, user: User, job_id: int) -> Job:

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import FINAL_STATUSES, Dataset, Job, User
 from app.services import probe as probe_service
+from app.web.render import render
 from domain.advice import STRATEGIES
 
 
@@ -27,8 +28,6 @@ def dataset_context(session: Session, user: User, ds: Dataset) -> dict:
 
 def job_page(request: Request, job: Job, user: User):
     """The page of a probe job: its progress while it runs, then its leaderboard and the advice."""
-    from app.web.routes import render
-
     ds = job.dataset
     result = job.result or {}
     done = job if job.status == "succeeded" else None

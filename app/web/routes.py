@@ -4,147 +4,27 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-from pathlib import Path
-from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
+from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import func, select
 
 from app.api.deps import CSRF_HEADER, SESSION_COOKIE, SessionDep, SettingsDep, csrf_token_for
 from app.core.errors import NotFound, Unauthorized
-from app.db.models import FINAL_STATUSES, Artifact, Dataset, EpochMetric, Job, User
-from app.services import auth
+from app.db.models import FINAL_STATUSES, Artifact, Dataset, EpochMetric, Job
+from app.services import auth, thumbs
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
-from app.services import thumbs
-from domain.advice import STRATEGIES
 from app.web import probe as probe_pages
+from app.web.render import PageUser, _not_found, error_page, render, sign_in_page
+from domain.advice import STRATEGIES
 from domain.catalog import CATALOG
 from domain.spec import DEFAULT_LR, RunSpec
 
-ROOT = Path(__file__).resolve().parents[2]
-templates = Jinja2Templates(directory=ROOT / "templates")
 router = APIRouter(include_in_schema=False)
-
 SAMPLES_PER_CLASS = 4
 JOBS_ON_DASHBOARD = 100
-STAGES = {"decode": "Decoding images", "features": "Computing features", "probe": "Fitting linear classifiers",
-          "advise": "Measuring how far the images are from ImageNet", "train": "Training",
-          "val": "Validating", "export": "Exporting the model (TorchScript, ONNX)"}
-
-
-# ---------------------------------------------------------------- template helpers
-
-
-def _aware(t: dt.datetime | None) -> dt.datetime | None:
-    return t.replace(tzinfo=dt.timezone.utc) if t is not None and t.tzinfo is None else t
-
-
-def _when(t: dt.datetime | None) -> str:
-    t = _aware(t)
-    return t.strftime("%Y-%m-%d %H:%M UTC") if t else ""
-
-
-def _iso(t: dt.datetime | None) -> str:
-    t = _aware(t)
-    return t.isoformat() if t else ""
-
-
-def _filesize(n: int | float | None) -> str:
-    n = float(n or 0)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def _duration(s: float | None) -> str:
-    if s is None:
-        return ""
-    if s < 9.95:
-        return f"{max(0.0, s):.1f} s"
-    s = int(round(s))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-def _sci(x: float | None) -> str:
-    """2.80e-3, as JavaScript's toExponential(2) writes it."""
-    if x is None:
-        return ""
-    mant, _, exp = f"{x:.2e}".partition("e")
-    return f"{mant}e{int(exp)}"
-
-
-def _pct(x: float | None, digits: int = 1) -> str:
-    return "" if x is None else f"{100 * x:.{digits}f}%"
-
-
-templates.env.filters.update(when=_when, iso=_iso, filesize=_filesize, duration=_duration, pct=_pct, sci=_sci)
-templates.env.globals.update(STAGES=STAGES, FINAL_STATUSES=FINAL_STATUSES)
-
-
-# ---------------------------------------------------------------- who is looking
-
-
-def page_user(request: Request, session: SessionDep) -> User | None:
-    """The signed-in browser user (session cookie), or None. Pages do not take bearer tokens."""
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if not cookie:
-        return None
-    return auth.authenticate(session, cookie, ("session",))
-
-
-PageUser = Annotated[User | None, Depends(page_user)]
-
-
-def render(request: Request, name: str, context: dict[str, Any] | None = None, status_code: int = 200,
-           user: User | None = None) -> HTMLResponse:
-    cookie = request.cookies.get(SESSION_COOKIE)
-    ctx = {"user": user, "csrf_token": csrf_token_for(cookie) if user is not None and cookie else "",
-           "nav": None, **(context or {})}
-    resp = templates.TemplateResponse(request, name, ctx, status_code=status_code)
-    resp.headers["Cache-Control"] = "no-store"
-    return resp
-
-
-def sign_in_page(request: Request, status_code: int = 401, error: bool = False) -> HTMLResponse:
-    return render(request, "login.html", {"error": error}, status_code=status_code)
-
-
-def error_page(request: Request, status_code: int, title: str, message: str,
-               user: User | None = None) -> HTMLResponse:
-    return render(request, "error.html", {"title": title, "message": message, "status": status_code},
-                  status_code=status_code, user=user)
-
-
-def _not_found(request: Request, user: User | None, what: str) -> HTMLResponse:
-    return error_page(request, 404, "Not found", f"There is no {what} here, or it belongs to someone else.",
-                      user)
-
-
-def wants_html(request: Request) -> bool:
-    """A browser asking for a page (not the API, not an asset)."""
-    path = request.url.path
-    return (request.method == "GET" and "text/html" in request.headers.get("accept", "")
-            and not path.startswith(("/api/", "/static/")))
-
-
-def html_not_found(request: Request) -> HTMLResponse:
-    """The HTML 404 page for unknown page URLs (the API keeps its JSON errors)."""
-    user = None
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie:
-        with request.app.state.sessions() as s:
-            user = auth.authenticate(s, cookie, ("session",))
-    return error_page(request, 404, "Page not found", f"There is no page at {request.url.path}.", user)
 
 
 def _int(value: str) -> int | None:

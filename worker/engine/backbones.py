@@ -11,17 +11,17 @@ import os
 import re
 import socket
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from domain.catalog import CATALOG
-from domain.files import sha256_file
 from domain.errors import UnknownBackbone, WeightsImportError, WeightsUnavailable
+from domain.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class BackboneInfo:
     family: str  # "timm" or "torchvision"
     arch: str  # timm model name or torchvision builder name
     head_path: str  # dotted path of the module replaced by the new head
-    grouper: Callable[[nn.Module], "OrderedDict[str, Group]"]
+    grouper: Callable[[nn.Module], OrderedDict[str, Group]]
     preprocessing: Preprocessing
     description: str
     fixed_size: bool = False  # the architecture only accepts its own input size (ViT)
@@ -265,7 +265,7 @@ def num_params(info: BackboneInfo) -> int:
     return _count_timm(info.arch)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _count_timm(arch: str) -> int:
     import timm
 

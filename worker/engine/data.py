@@ -7,19 +7,28 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import Preprocessing
 from domain.errors import ImageError
 from domain.images import DEFAULT_MAX_PIXELS, _to_rgb, load_image, resize_short  # noqa: F401
-from domain.layout import (IMAGE_EXTS, JUNK_NAMES, TRAIN_NAMES, VAL_NAMES, DataSplit, discover,  # noqa: F401
-                     stratified_split, subsample)
+from domain.layout import (  # noqa: F401
+    IMAGE_EXTS,
+    JUNK_NAMES,
+    TRAIN_NAMES,
+    VAL_NAMES,
+    DataSplit,
+    discover,
+    stratified_split,
+    subsample,
+)
+
+from .backbones import Preprocessing
 
 log = logging.getLogger(__name__)
 

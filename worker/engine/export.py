@@ -10,16 +10,17 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from domain.errors import ImageError
+
 from .backbones import Preprocessing
 from .data import decode_for, eval_transform, normalize
-from domain.errors import ImageError
 from .modelfile import load_model
 
 log = logging.getLogger(__name__)

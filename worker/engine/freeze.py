@@ -6,8 +6,8 @@ and each trainable group's learning-rate multiplier. Nothing here touches a tens
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from torch import nn
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from .backbones import GraftNet, Preprocessing, build_model
 from domain.errors import CheckpointError
+
+from .backbones import GraftNet, Preprocessing, build_model
 
 MODEL_FORMAT = "graft.model"
 MODEL_FORMAT_VERSION = 1
@@ -52,7 +53,7 @@ def save_model_file(path: Path, model: GraftNet, classes: list[str], pre: Prepro
         "spec": spec,
         "metrics": metrics,
         "pretrained_weights": weights,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }, path)

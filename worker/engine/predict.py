@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 import torch
 
+from domain.errors import ImageError
+
 from .backbones import Preprocessing
 from .data import eval_transform, load_image, normalize, resize_short, to_tensor_u8
-from domain.errors import ImageError
 from .modelfile import load_model
 
 

@@ -17,20 +17,21 @@ import logging
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .backbones import get_info, weights_available
-from domain.callbacks import BatchProgress, Callbacks, CallbackList
+from domain.callbacks import BatchProgress, CallbackList, Callbacks
 from domain.catalog import CATALOG
-from .data import train_transform
 from domain.errors import DataError, GraftError, RunStopped, SpecError, WeightsUnavailable
 from domain.layout import discover
 from domain.spec import ProbeSpec, RunSpec
+
+from .backbones import get_info, weights_available
+from .data import train_transform
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ def _model_size(model) -> tuple[int, float]:
 
 def _runner(spec: RunSpec, data_dir: Path, cb: Callbacks, cache_dir, device, max_pixels: int | None = None):
     from domain.images import DEFAULT_MAX_PIXELS
+
     from .runner import Runner
 
     # nothing is written under out_dir: only run() writes there
@@ -231,7 +233,7 @@ def _runner(spec: RunSpec, data_dir: Path, cb: Callbacks, cache_dir, device, max
 def probe_backbone(data_dir: Path, backbone: str, pretrained: bool, spec: ProbeSpec, cb: Callbacks,
                    cache_dir=None, device: str | None = None, max_pixels: int | None = None) -> dict:
     """One leaderboard row: features (from the cache when there), linear probe, val accuracy and loss."""
-    from .runner import _Progress
+    from .progress import Progress as _Progress
 
     t0 = time.perf_counter()
     info = get_info(backbone)
@@ -298,7 +300,8 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
     fitted first, the fine-tune (finetune_last:1, `epochs` epochs) starts from it, and both are scored on the
     same val images. Returns the figures `advice.recommend_strategy` takes."""
     from domain.advice import paired_stderr
-    from .runner import _Progress
+
+    from .progress import Progress as _Progress
 
     t0 = time.perf_counter()
     cb = CallbackList(callbacks)
@@ -429,7 +432,7 @@ def probe(data_dir: str | Path, spec: ProbeSpec | None = None, cache_dir: str | 
     cb = CallbackList(callbacks)
     split = discover(Path(data_dir), spec.val_fraction, spec.seed)  # DataError before any model is built
     targets = list(targets) if targets is not None else _targets(spec.backbones, spec.random_init)
-    from .runner import pick_device
+    from .device import pick_device
 
     dev = str(pick_device(device))
     cb.on_start({"classes": split.classes, "counts": split.counts(), "layout": split.layout, "device": dev,

@@ -4,8 +4,9 @@ import asyncio
 import bisect
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, AsyncIterator, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse

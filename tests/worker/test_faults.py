@@ -20,15 +20,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
+from support.stack import DEAD_BROKER, FINAL, TINY_RUN, Stack, Worker, build_stack, close_stack, unreachable
 
-from test_queue import DEAD_BROKER, FINAL, TINY_RUN, Stack, Worker, _build_stack, _close, _unreachable
-
-from app.db.migrate import run_migrations
 from app.core.settings import Settings
+from app.db.migrate import run_migrations
 from app.db.models import Dataset, EpochMetric, Job, JobEvent, User
 from app.db.session import engine_for, session_factory
 from app.main import create_app
-from app.services import auth
 from worker import reaper
 from worker.runjob import Heartbeat, Reporter, _finish, execute
 
@@ -38,7 +36,7 @@ LONG_RUN = {"strategy": "full", "epochs": 6, "image_size": 64, "batch_size": 2, 
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -132,7 +130,7 @@ def test_killed_and_stopped_workers_lose_nothing_and_the_job_resumes(tmp_path: P
     heartbeat is late, and it resumes from the last checkpoint. SIGTERM that worker: it puts the job back
     in the queue itself. A third worker finishes it. Every epoch ran once, and the metrics are those of an
     uninterrupted run."""
-    stack = _build_stack("kill", tmp_path, None, None, with_worker=False)
+    stack = build_stack("kill", tmp_path, None, None, with_worker=False)
     try:
         w1 = start_worker(stack, tmp_path / "w1")
         with stack.log_on_failure():
@@ -147,7 +145,7 @@ def test_killed_and_stopped_workers_lose_nothing_and_the_job_resumes(tmp_path: P
 
             w2 = start_worker(stack, tmp_path / "w2")
             # reaped (heartbeat late) -> queued -> claimed again -> resumed after the last full epoch
-            job = wait_for(stack, jid, lambda j: j["status"] == "running" and j["current_epoch"] >= killed_at.current_epoch + 1
+            job = wait_for(stack, jid, lambda j: j["status"] == "running" and j["current_epoch"] >= killed_at.current_epoch + 1  # noqa: F841
                            and j["stage"] == "train", "progress on the second worker")
             assert row(stack, jid).attempts == 2
             w2.stop()  # SIGTERM: the job goes back to the queue, the attempt does not count
@@ -159,7 +157,7 @@ def test_killed_and_stopped_workers_lose_nothing_and_the_job_resumes(tmp_path: P
             start_worker(stack, tmp_path / "w3")
             done = stack.wait(jid, "succeeded")
     finally:
-        _close(stack)
+        close_stack(stack)
 
     # the record: three starts, each after the last full epoch of the previous one
     assert statuses(stack, jid) == ["queued", "running", "queued", "running", "queued", "running", "succeeded"], \
@@ -176,8 +174,8 @@ def test_killed_and_stopped_workers_lose_nothing_and_the_job_resumes(tmp_path: P
     assert row(stack, jid).attempts == 2 and done["current_epoch"] == LONG_RUN["epochs"]
 
     # the same spec, uninterrupted, in this process: the same metrics
-    from worker.engine.runner import run
     from domain.spec import RunSpec
+    from worker.engine.runner import run
 
     with stack.sessions() as s:
         data = stack.settings.data_dir / s.get(Dataset, ds["id"]).path
@@ -269,7 +267,7 @@ def test_reaper_requeues_below_the_limit_fails_at_it_and_leaves_live_jobs_alone(
 def test_serve_start_up_requeues_the_embedded_workers_orphans(db):
     """`graft serve` with the embedded queue: its worker is its child, so any running job lost it, however
     fresh the heartbeat; still bounded by GRAFT_MAX_ATTEMPTS. Every queued job is (re)sent."""
-    from app.db.migrate import requeue_orphans
+    from cli.server import requeue_orphans
 
     settings, S, ids = db
     fresh, worn_out = make_job(S, ids, attempts=1, heartbeat_age=1), make_job(S, ids, attempts=3, heartbeat_age=1)
@@ -354,8 +352,8 @@ def test_jobs_survive_a_redis_that_lost_its_queue_and_one_that_was_down(tmp_path
         r.ping()
         r.flushdb()
     except Exception as e:
-        _unreachable(f"Redis at {REDIS_FAULTS_URL}", e)
-    stack = _build_stack("redis-faults", tmp_path, None, REDIS_FAULTS_URL, with_worker=False)
+        unreachable(f"Redis at {REDIS_FAULTS_URL}", e)
+    stack = build_stack("redis-faults", tmp_path, None, REDIS_FAULTS_URL, with_worker=False)
     down_settings = Settings(_env_file=None, data_dir=stack.settings.data_dir, database_url=stack.settings.db_url,
                              broker_url=DEAD_BROKER)
     try:
@@ -385,7 +383,7 @@ def test_jobs_survive_a_redis_that_lost_its_queue_and_one_that_was_down(tmp_path
                 assert metric_epochs(stack, jid) == [1, 2]
                 assert row(stack, jid).attempts == 1
     finally:
-        _close(stack)
+        close_stack(stack)
         try:
             r.flushdb()
             r.close()
@@ -449,9 +447,10 @@ def test_out_of_memory_retries_the_epoch_with_half_the_batch(tiny_slice: Path, t
     """Out of memory after two optimizer steps of the first epoch: the epoch starts over from its saved
     state with batch 2 x 2 accumulation, says so, and the run is exactly the one that used 2 x 2 from the
     start (same steps per epoch, same weights, same metrics)."""
-    from worker.engine.runner import Runner
+    from support.recorder import Recorder
+
     from domain.spec import RunSpec
-    from test_training import Recorder
+    from worker.engine.runner import Runner
 
     spec = RunSpec(strategy="full", epochs=2, image_size=64, batch_size=4, patience=None)
     oom = FakeOOM(monkeypatch, limit=2, after=2)
@@ -476,7 +475,7 @@ def test_out_of_memory_retries_the_epoch_with_half_the_batch(tiny_slice: Path, t
 def test_out_of_memory_in_a_worker_job_is_in_the_jobs_log(tmp_path: Path, tiny_slice: Path, monkeypatch):
     """The same through the worker's code (in this process): the retry message is a job event, the job
     succeeds; with no memory even for one image, the job fails with a message that says what to do."""
-    stack = _build_stack("oom", tmp_path, None, None, with_worker=False)
+    stack = build_stack("oom", tmp_path, None, None, with_worker=False)
     try:
         ds = stack.upload(tiny_slice)
         jid = stack.submit(ds["id"], strategy="full", epochs=1, image_size=64, batch_size=8)["id"]
@@ -494,7 +493,7 @@ def test_out_of_memory_in_a_worker_job_is_in_the_jobs_log(tmp_path: Path, tiny_s
         assert job["error"].startswith("out of memory even with one image at a time")
         assert "smaller image_size or backbone" in job["error"]
     finally:
-        _close(stack)
+        close_stack(stack)
 
 
 # --- 5. cancel whatever the state ------------------------------------------------------------------------------
@@ -503,7 +502,7 @@ def test_out_of_memory_in_a_worker_job_is_in_the_jobs_log(tmp_path: Path, tiny_s
 def test_cancel_a_job_whose_worker_is_dead_via_the_api(tmp_path: Path):
     """Running with a heartbeat older than the timeout: POST /cancel finalizes it at once. A job re-queued by
     the reaper is cancelled at once too; a finished one answers 409."""
-    stack = _build_stack("cancel-dead", tmp_path, None, None, with_worker=False)
+    stack = build_stack("cancel-dead", tmp_path, None, None, with_worker=False)
     try:
         with stack.sessions() as s:
             user = s.scalar(select(User).where(User.name == "queue-cancel-dead"))
@@ -526,14 +525,14 @@ def test_cancel_a_job_whose_worker_is_dead_via_the_api(tmp_path: Path):
         r = stack.client.post(f"/api/v1/jobs/{requeued}/cancel")
         assert r.json()["status"] == "cancelled" and r.json()["error"] == "cancelled on request"
     finally:
-        _close(stack)
+        close_stack(stack)
 
 
 @pytest.mark.slow
 def test_cancel_a_job_whose_worker_was_killed(tmp_path: Path, tiny_slice: Path):
     """The worker is SIGKILLed while training; the cancel arrives before its heartbeat is late. The next
     worker's reaper finalizes the job as cancelled, and never runs it again."""
-    stack = _build_stack("cancel-killed", tmp_path, None, None, with_worker=False)
+    stack = build_stack("cancel-killed", tmp_path, None, None, with_worker=False)
     try:
         w1 = start_worker(stack, tmp_path / "w1")
         with stack.log_on_failure():
@@ -550,4 +549,4 @@ def test_cancel_a_job_whose_worker_was_killed(tmp_path: Path, tiny_slice: Path):
             assert row(stack, jid).attempts == 1
             assert "Task graft.run_job" not in w2.log()  # nothing was sent to it
     finally:
-        _close(stack)
+        close_stack(stack)

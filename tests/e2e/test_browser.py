@@ -28,12 +28,10 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
-import pytest
-
 import playwright.sync_api as playwright_api
+import pytest
+from support.paths import HYMENOPTERA, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 GRAFT = Path(sys.executable).with_name("graft")
 CHROMIUM = Path(os.environ.get("GRAFT_CHROMIUM", "/usr/bin/chromium"))
 OUT = Path(os.environ.get("GRAFT_TEST_OUTPUT", ROOT / "test-output")) / "browser"
@@ -441,7 +439,7 @@ def test_07_cancel_a_queued_and_a_running_job(browser_session):
     # a second job waits: the one worker is busy
     page.goto(new_job)
     page.click("#job-submit")
-    queued = wait_for_job_page(page)
+    queued = wait_for_job_page(page)  # noqa: F841
     assert page.locator("#status-badge .badge").inner_text() == "queued"
     assert page.locator("#stage-text").inner_text().startswith("Waiting for a worker")
     assert page.locator("#queued-hint").is_visible()

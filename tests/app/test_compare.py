@@ -12,19 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from support.db import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
 
-from dbfixtures import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
-
-from app.db.migrate import run_migrations
 from app.core.errors import BadRequest
 from app.core.settings import Settings
+from app.db.migrate import run_migrations
 from app.db.models import Dataset, EpochMetric, Job
 from app.main import create_app
 from app.services import auth
 from app.services import compare as cmp
 from domain.evaluate import evaluation, predictions, val_set_id
 
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 Z95 = 1.959963984540054
 
 

@@ -18,17 +18,16 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
+from support.db import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
+from support.paths import HYMENOPTERA
 
-from dbfixtures import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
-
-from app.db.migrate import run_migrations
 from app.core.settings import Settings
+from app.db.migrate import run_migrations
 from app.db.models import ApiToken, Artifact, Dataset, EpochMetric, Job, JobEvent
 from app.main import create_app
 from app.services import auth
 from domain.spec import RunSpec
 
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 PER_SPLIT = {"train": 4, "val": 2}
 CLASSES = ("ants", "bees")
 
@@ -113,7 +112,7 @@ class Api:
             return [r.id for r in rows]
 
 
-def build_api(db_url: str, tmp_path: Path, **overrides) -> Api:
+def build_api(db_url: str, tmp_path: Path, **overrides) -> Api:  # noqa: F811
     settings = Settings(data_dir=tmp_path / "data", database_url=db_url, **overrides)
     run_migrations(settings.db_url)
     app = create_app(settings)
@@ -518,7 +517,7 @@ def test_events_stream_of_a_finished_job(api, alice, ds_id):
             JobEvent(job_id=jid, kind="epoch", data={"epoch": 2, "val_acc": 0.75}),
             JobEvent(job_id=jid, kind="status", data={"status": "succeeded", "error": None}))
     api.set_job(jid, status="succeeded", progress=1.0, current_epoch=2, best_val_acc=0.75,
-                finished_at=dt.datetime.now(dt.timezone.utc))
+                finished_at=dt.datetime.now(dt.UTC))
 
     r = api.client.get(f"/api/v1/jobs/{jid}/events", headers=alice)
     assert r.status_code == 200
@@ -638,7 +637,7 @@ def test_timestamps_are_utc_with_an_offset(api, alice, ds_id):
     api.client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=alice)
     ds = api.client.get(f"/api/v1/datasets/{ds_id}", headers=alice).json()
     job = api.client.get(f"/api/v1/jobs/{job['id']}", headers=alice).json()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     for value in (ds["created_at"], job["created_at"], job["finished_at"]):
         t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         assert t.utcoffset() == dt.timedelta(0), value

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from domain.errors import UnknownBackbone, WeightsImportError, WeightsUnavailable
 from worker.engine import backbones
 from worker.engine.backbones import (
     REGISTRY,
@@ -20,7 +21,6 @@ from worker.engine.backbones import (
     sha256_file,
     weights_available,
 )
-from domain.errors import UnknownBackbone, WeightsImportError, WeightsUnavailable
 
 
 def _no_download(*args, **kwargs):

@@ -30,19 +30,18 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select, update
-
-from dbfixtures import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
+from support.db import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
+from support.paths import HYMENOPTERA
 
 from app.api import deps
 from app.api.routes import jobs as jobs_routes
-from app.db.migrate import run_migrations
 from app.core.settings import Settings
+from app.db.migrate import run_migrations
 from app.db.models import ApiToken, Artifact, Base, Dataset, Job, JobEvent
 from app.main import create_app
 from app.services import auth
 from app.web.routes import router as web_router
 
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 CANARY = "canary-7f3a91"  # alice's dataset name: must never show up in an answer to anyone else
 PUBLIC = {"/healthz", "/login", "/docs", "/openapi.json", "/favicon.ico"}  # and /static/*: no user data
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}

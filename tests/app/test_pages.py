@@ -7,21 +7,18 @@ import io
 import re
 import zipfile
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from support.paths import HYMENOPTERA, ROOT
 
-from app.db.migrate import run_migrations
 from app.core.settings import Settings
+from app.db.migrate import run_migrations
 from app.db.models import Artifact, EpochMetric, Job
 from app.main import create_app
 from app.services import auth
 from domain.advice import recommend_strategy
-
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -376,7 +373,7 @@ def test_try_it_panel(env):
     assert 'id="try-results"' in panel and 'id="try-error"' in panel
     assert '"max_predict_images": 64' in html or '"max_predict_images":64' in html
     js = c.get("/static/job.js").text
-    assert f"/api/v1/jobs/${{data.id}}/predict" in js and 'form.append("files"' in js
+    assert "/api/v1/jobs/${data.id}/predict" in js and 'form.append("files"' in js
     assert "FormData" in c.get("/static/app.js").text
     # the panel's request: CSRF-guarded; with no inference service, a 503 whose message the panel shows
     img = (HYMENOPTERA / "val" / "ants").glob("*.jpg").__next__().read_bytes()
@@ -479,7 +476,7 @@ def test_no_dead_links(env):
 
 
 def test_static_assets_are_local(env):
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     for p in list((root / "templates").glob("*.html")) + list((root / "static").glob("*.js")):
         text = p.read_text()
         assert not re.search(r"""(src|href)=["']https?://""", text), p

@@ -9,8 +9,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Column, MetaData, String, create_engine, inspect
 from sqlalchemy.pool import NullPool
-
-from dbfixtures import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
+from support.db import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
 
 from app.db.migrate import ROOT, run_migrations
 from app.db.models import Base
@@ -95,7 +94,7 @@ def test_unreachable_postgres_skips_locally_and_fails_on_ci(tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "test_pg.py").write_text("from dbfixtures import db_url  # noqa\n\n"
+    (tmp_path / "test_pg.py").write_text("from support.db import db_url  # noqa\n\n"
                                          "def test_x(db_url):\n    assert db_url\n")
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env.update(GRAFT_TEST_PG_URL="postgresql+psycopg://postgres@127.0.0.1:1/test",

@@ -9,12 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from domain.spec import RunSpec
 from worker.engine import export as export_mod
 from worker.engine.backbones import Preprocessing
 from worker.engine.export import check_images, export_all
 from worker.engine.modelfile import load_model
 from worker.engine.runner import run
-from domain.spec import RunSpec
 
 
 @pytest.fixture(scope="module")

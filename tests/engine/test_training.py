@@ -10,41 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.recorder import Recorder
 
-from worker.engine.backbones import build_model
-from domain.callbacks import Callbacks
 from domain.errors import CheckpointError, DataError
+from domain.spec import RunSpec
+from worker.engine.backbones import build_model
 from worker.engine.modelfile import load_model, read_model_file
 from worker.engine.predict import Predictor
 from worker.engine.runner import run
-from domain.spec import RunSpec
-
-
-class Recorder(Callbacks):
-    def __init__(self, stop_after_epoch: int | None = None, stop_in_batch: bool = False):
-        self.epochs, self.progress, self.checkpoints, self.messages = [], [], [], []
-        self.stop_after_epoch, self.stop_in_batch = stop_after_epoch, stop_in_batch
-        self.started = None
-
-    def on_start(self, info):
-        self.started = info
-
-    def on_message(self, message):
-        self.messages.append(message)
-
-    def on_progress(self, p):
-        self.progress.append(p)
-
-    def on_epoch_end(self, m):
-        self.epochs.append(m)
-
-    def on_checkpoint(self, path, kind):
-        self.checkpoints.append((Path(path), kind))
-
-    def should_stop(self):
-        if self.stop_in_batch:
-            return any(p.stage == "train" for p in self.progress)
-        return self.stop_after_epoch is not None and len(self.epochs) >= self.stop_after_epoch
 
 
 def _spec(**kw) -> RunSpec:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import yaml
 from fastapi.testclient import TestClient
+from support.paths import ROOT
 
 from app.core.settings import Settings
 from app.main import create_app
 
-ROOT = Path(__file__).resolve().parents[1]
 GRAFT = Path(sys.executable).with_name("graft")
 
 

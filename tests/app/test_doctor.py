@@ -21,16 +21,14 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
+from support.paths import HYMENOPTERA
 
-from app.db.migrate import run_migrations
 from app.core.settings import Settings
+from app.db.migrate import run_migrations
 from app.db.models import Dataset
 from app.db.session import engine_for
 from app.main import create_app
 from app.services import auth
-
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
-
 
 # ---------------------------------------------------------------- helpers
 

@@ -19,7 +19,6 @@ import io
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -35,9 +34,10 @@ from schemathesis.checks import (  # noqa: E402
 )
 from schemathesis.generation import GenerationMode  # noqa: E402
 from sqlalchemy import select, update  # noqa: E402
+from support.paths import HYMENOPTERA
 
-from app.db.migrate import run_migrations  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
+from app.db.migrate import run_migrations  # noqa: E402
 from app.db.models import Artifact, Dataset, Job, JobEvent  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.services import auth  # noqa: E402
@@ -45,7 +45,6 @@ from app.services import datasets as dataset_service  # noqa: E402
 from app.services import jobs as job_service  # noqa: E402
 from domain.spec import RunSpec  # noqa: E402
 
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 EXAMPLES = 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 NOT_FUZZED = {("POST", "/api/v1/datasets"), ("POST", "/api/v1/jobs/{job_id}/predict"),
@@ -205,7 +204,7 @@ def fuzz(env: FuzzEnv, headers: dict[str, str], extra=None) -> tuple[list[str], 
         def run(case):
             _real_ids(case, env)
             response = case.call_and_validate(headers=headers, checks=CHECKS)
-            statuses[label][response.status_code] += 1
+            statuses[label][response.status_code] += 1  # noqa: B023
             if extra:
                 extra(case, response)
 

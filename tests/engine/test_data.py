@@ -9,11 +9,22 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.engine.backbones import Preprocessing
-from worker.engine.data import (ImageDataset, ImageStore, decode_for, discover, eval_transform, load_image,
-                                normalize, preprocess_image, stratified_split, subsample, to_tensor_u8,
-                                train_transform)
 from domain.errors import DataError, ImageError
+from worker.engine.backbones import Preprocessing
+from worker.engine.data import (
+    ImageDataset,
+    ImageStore,
+    decode_for,
+    discover,
+    eval_transform,
+    load_image,
+    normalize,
+    preprocess_image,
+    stratified_split,
+    subsample,
+    to_tensor_u8,
+    train_transform,
+)
 
 PRE = Preprocessing(image_size=24, resize_size=28)
 

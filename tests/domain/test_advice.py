@@ -7,8 +7,15 @@ import math
 import pytest
 
 from domain import advice as service_advice
-from domain.advice import (DISTANT_GAIN, FEATURES_MAX_PER_CLASS, LITTLE_DATA_DISTANT_STRATEGY,
-                                  TWO_STAGE_MAX_PER_CLASS, classify_domain, paired_stderr, recommend_strategy)
+from domain.advice import (
+    DISTANT_GAIN,
+    FEATURES_MAX_PER_CLASS,
+    LITTLE_DATA_DISTANT_STRATEGY,
+    TWO_STAGE_MAX_PER_CLASS,
+    classify_domain,
+    paired_stderr,
+    recommend_strategy,
+)
 
 
 def counts(per_class: int, classes: int = 2) -> dict:

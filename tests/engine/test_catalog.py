@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from worker.engine.backbones import REGISTRY, num_params, weights_file, weights_url
 from domain.catalog import CATALOG
+from worker.engine.backbones import REGISTRY, num_params, weights_file, weights_url
 
 
 def test_catalog_matches_registry_and_torchvision(tmp_path, monkeypatch):

@@ -10,10 +10,9 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from worker.engine import freeze
+from domain.spec import DEFAULT_LR, RunSpec
 from worker.engine.backbones import build_model
 from worker.engine.freeze import HEAD, Phase, apply_phase, discriminative_mults, plan, train_mode
-from domain.spec import DEFAULT_LR, RunSpec
 
 GROUPS = ["stem", "s1", "s2", "s3", "s4", "s5"]
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.recorder import Recorder  # the engine callbacks a run made, recorded
 
 from domain.advice import recommend_strategy
-from test_training import Recorder  # the engine callbacks a run made, recorded
 from domain.errors import UnknownBackbone, WeightsUnavailable
+from domain.spec import ProbeSpec, RunSpec
 from worker.engine.probe import fit_linear_probe, measure_domain_gap, probe, rank
 from worker.engine.runner import run
-from domain.spec import ProbeSpec, RunSpec
 
 SIZE = 96  # small images keep these runs fast on 2 CPU cores
 LITE0 = "efficientnet_lite0"
@@ -164,11 +164,11 @@ def test_cli_probe_json_with_advice(tiny_slice, tmp_path):
 @pytest.fixture(scope="module")
 def api_stack(tmp_path_factory):
     """The embedded setup (filesystem transport + SQLite) with a real `graft worker` (tests/test_queue.py)."""
-    from test_queue import _build_stack, _close
+    from support.stack import build_stack, close_stack
 
-    stack = _build_stack("probe", tmp_path_factory.mktemp("probe-api"), None, None)
+    stack = build_stack("probe", tmp_path_factory.mktemp("probe-api"), None, None)
     yield stack
-    _close(stack)
+    close_stack(stack)
 
 
 def _sign_in(stack) -> None:
@@ -257,7 +257,7 @@ def test_probe_through_the_api_with_a_real_worker(api_stack, tiny_slice):
         assert 'id="leaderboard"' in html and f'data-backbone="{LITE0}"' in html and "Compare again" in html
         assert a["strategy"] in html and "/static/probe.js" in html
         new = c.get(f"/jobs/new?dataset_id={did}", headers={"Authorization": ""}).text
-        assert f'data-source="measured"' in new and "best in the comparison" in new
+        assert 'data-source="measured"' in new and "best in the comparison" in new
         kind = a["strategy"].split(":")[0]
         assert f'value="{kind}" checked' in new
         probe_page = c.get(f"/jobs/{job['id']}", headers={"Authorization": ""})
@@ -276,11 +276,11 @@ def test_probe_through_the_api_with_a_real_worker(api_stack, tiny_slice):
 def test_a_measured_distant_domain_is_preselected_on_the_new_job_page(tmp_path, tiny_slice):
     """Without a worker: a succeeded comparison recorded as a distant domain drives the advice (API and page)."""
     from sqlalchemy import update
+    from support.stack import build_stack, close_stack
 
     from app.db.models import Job
-    from test_queue import _build_stack, _close
 
-    stack = _build_stack("probe-pages", tmp_path, None, None, with_worker=False)
+    stack = build_stack("probe-pages", tmp_path, None, None, with_worker=False)
     try:
         c = stack.client
         did = stack.upload(tiny_slice)["id"]
@@ -305,4 +305,4 @@ def test_a_measured_distant_domain_is_preselected_on_the_new_job_page(tmp_path, 
         # the user can always override: any strategy is accepted for this dataset
         assert c.post("/api/v1/jobs", json={"dataset_id": did, "strategy": "features"}).status_code == 201
     finally:
-        _close(stack)
+        close_stack(stack)

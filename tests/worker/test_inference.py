@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,10 +17,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from support.stack import GRAFT, TINY_RUN, build_stack, close_stack
 
 from app.main import create_app
 from app.services import auth
-from test_queue import GRAFT, TINY_RUN, _build_stack, _close
 from worker.engine.predict import Predictor
 
 
@@ -34,7 +33,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_slice):
     root = tmp_path_factory.mktemp("inference")
-    stack = _build_stack("inference", root, None, None)
+    stack = build_stack("inference", root, None, None)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
     env.update(GRAFT_DATA_DIR=str(stack.settings.data_dir))
@@ -61,7 +60,7 @@ def served(tmp_path_factory, tiny_slice):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=10)
     client.close()
-    _close(stack)
+    close_stack(stack)
 
 
 def test_evaluation_and_confusion_picture(served):

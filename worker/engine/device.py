@@ -1,0 +1,78 @@
+"""Where the engine runs and its random state: the device, CPU threads, seeding, saving and restoring every
+RNG (for checkpoints and the out-of-memory retry), and recognising an out-of-memory error."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_cpu_threads() -> int:
+    """Use every core this process may run on (cgroup/affinity aware), not the machine's count."""
+    n = max(1, len(os.sched_getaffinity(0)))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The state of every RNG an epoch draws from (torch, numpy, python, and CUDA when there)."""
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def is_oom(e: BaseException) -> bool:
+    """Out of GPU memory (or, on CPU, an allocation that failed)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def cpu_copy(obj):
+    """A deep copy with every tensor on the CPU (a state dict's tensors are the live ones)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """Mixed precision on CUDA when `amp_dtype` is set; otherwise a disabled autocast (the same float32 code)."""
+    if amp_dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast("cuda", dtype=amp_dtype)
+
+
+def amp_dtype_for(device: torch.device, mixed_precision: bool) -> torch.dtype | None:
+    """bfloat16 where the GPU has it, else float16 (which needs a GradScaler); None on CPU or when off."""
+    if device.type == "cuda" and mixed_precision:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None

@@ -1,0 +1,139 @@
+"""The epoch loops: one epoch of the head on cached features, one epoch on images (micro-batches with
+gradient accumulation, autocast, an optional GradScaler), predicting a set of images, and the out-of-memory
+retry that reruns an epoch from its saved state with half the micro-batch."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from domain.errors import SpecError
+
+from .device import cpu_copy, is_oom, rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+# called after each batch with (batches done, batches in all, the loop's start time, images seen)
+OnBatch = Callable[[int, int, float, int], None]
+
+
+def micro_batch(batch_size: int, accum: int) -> int:
+    """The batch that goes through the model at once: batch_size split into `accum` parts."""
+    return max(1, math.ceil(batch_size / accum))
+
+
+def train_epoch_on_features(head, feats: torch.Tensor, labels: list[int], opt, sched, device: torch.device,
+                            batch_size: int, label_smoothing: float, on_batch: OnBatch):
+    """One epoch of the head on precomputed features, in a random order. Returns (mean loss, accuracy, images
+    seen, seconds)."""
+    y_all = torch.tensor(labels)
+    head.train()
+    perm = torch.randperm(len(y_all))
+    n_batches = math.ceil(len(perm) / batch_size)
+    loss_sum = correct = seen = 0
+    t = time.perf_counter()
+    for b in range(n_batches):
+        sel = perm[b * batch_size:(b + 1) * batch_size]
+        x, y = feats[sel].to(device), y_all[sel].to(device)
+        logits = head(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        on_batch(b + 1, n_batches, t, seen)
+    return loss_sum / seen, correct / seen, seen, time.perf_counter() - t
+
+
+def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, autocast: Callable, micro: int,
+                          device: torch.device, label_smoothing: float, on_batch: OnBatch):
+    """One optimizer step per batch of the loader; each batch goes through the model in micro-batches of
+    `micro` images whose gradients add up to the whole batch's. The caller sets the train/eval modes.
+    Returns (mean loss, accuracy, images seen, seconds)."""
+    loss_sum = correct = seen = 0
+    t = time.perf_counter()
+    for b, (x_all, y_all) in enumerate(loader):
+        n = len(y_all)
+        opt.zero_grad(set_to_none=True)
+        for x, y in zip(x_all.split(micro), y_all.split(micro)):
+            x, y = inputs(x), y.to(device)
+            with autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            if len(y) != n:
+                loss = loss * (len(y) / n)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(1) == y).sum().item()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        seen += n
+        on_batch(b + 1, len(loader), t, seen)
+    return loss_sum / seen, correct / seen, seen, time.perf_counter() - t
+
+
+@torch.inference_mode()
+def predict(model, loader, inputs: Callable, autocast: Callable, micro: int,
+            on_batch: Callable[[int, int, float], None] | None = None) -> torch.Tensor:
+    """Logits for every image of the loader (float32, CPU), in eval mode."""
+    model.eval()
+    out = []
+    t = time.perf_counter()
+    for b, (x_all, _) in enumerate(loader):
+        for x in x_all.split(micro):
+            with autocast():
+                out.append(model(inputs(x)).float().cpu())
+        if on_batch is not None:
+            on_batch(b + 1, len(loader), t)
+    return torch.cat(out)
+
+
+def retry_on_oom(epoch: Callable[[int], object], model, opt, sched, scaler, device: torch.device,
+                 batch_size: int, accum: int, on_message: Callable[[str], None]):
+    """Run `epoch(micro)`. Out of GPU memory: restore the state of the epoch's start, halve the micro-batch
+    (accumulating gradients so that every optimizer step still sees batch_size images), say so, and run the
+    epoch again; give up at one image per micro-batch. Returns (epoch's result, accum used)."""
+    snap = {"model": cpu_copy(model.state_dict()), "optimizer": cpu_copy(opt.state_dict()),
+            "scheduler": cpu_copy(sched.state_dict()), "scaler": scaler.state_dict() if scaler else None,
+            "rng": rng_state()}
+    while True:
+        try:
+            return epoch(micro_batch(batch_size, accum)), accum
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            detail = str(e).split("\n")[0][:200]
+        # out of the except block, so that the failed step's tensors (held by the traceback) are freed
+        before = micro_batch(batch_size, accum)
+        if before <= 1:
+            raise SpecError(f"out of memory even with one image at a time ({detail}): pick a smaller "
+                            "image_size or backbone, or free the GPU")
+        while micro_batch(batch_size, accum) == before:
+            accum *= 2
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model.load_state_dict(snap["model"])
+        opt.load_state_dict(snap["optimizer"])
+        sched.load_state_dict(snap["scheduler"])
+        if scaler is not None and snap["scaler"]:
+            scaler.load_state_dict(snap["scaler"])
+        set_rng_state(snap["rng"])
+        msg = (f"out of memory at batch size {before}: retrying the epoch with batch {micro_batch(batch_size, accum)}"
+               f" x {accum} accumulation")
+        log.warning("%s (%s)", msg, detail)
+        on_message(msg)

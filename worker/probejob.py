@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 def run_probe(S: sessionmaker[Session], job_id: int, attempt: int, reporter, heartbeat, spec_data: dict,
               data_dir: Path, settings: Settings) -> str:
     from domain.spec import ProbeSpec
+    from worker.attempt import _finish, call_engine, stopped
     from worker.engine.probe import probe
-    from worker.runjob import _finish, call_engine, stopped
 
     result, outcome = call_engine(S, job_id, attempt, "probe job", lambda: probe(
         data_dir, ProbeSpec(**spec_data), cache_dir=settings.features_cache_dir, callbacks=reporter,

@@ -229,7 +229,7 @@ class Reconciler:
 
     def tick(self) -> dict:
         out = {"requeued": [], "failed": [], "cancelled": [], "sent": [], "resent": []}
-        from worker.runjob import ACTIVE  # torch-free
+        from worker.attempt import ACTIVE
 
         r = reap(self.S, self.settings, exclude=set(ACTIVE))
         out.update(requeued=r.requeued, failed=r.failed, cancelled=r.cancelled)

@@ -1,25 +1,22 @@
 """Jobs: create (row first, commit, then enqueue the id), read, cancel, delete."""
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import shutil
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
-from app.core.settings import Settings
-from app.db.models import FINAL_STATUSES, MAX_ID, Artifact, Job, JobEvent, JobStatus, User
+from app.core.settings import Settings, get_settings
+from app.db.models import FINAL_STATUSES, MAX_ID, Artifact, Job, JobStatus, User
 from app.services import datasets as dataset_service
+from app.services import lifecycle
+from app.services.queue import enqueue_job
 from domain.catalog import CATALOG
 from domain.spec import RunSpec
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def get_owned(session: Session, user: User, job_id: int) -> Job:
@@ -32,8 +29,6 @@ def get_owned(session: Session, user: User, job_id: int) -> Job:
 def enqueue(session: Session, settings: Settings, job: Job) -> None:
     """Send the job id to the broker (after the row is committed). On broker trouble the job stays
     queued in the database (the record) and the caller gets a 503 that says so."""
-    from app.services.queue import enqueue_job
-
     try:
         task_id = enqueue_job(job.id, settings)
     except Exception as e:  # kombu/redis raise many kinds; all mean "not enqueued"
@@ -58,10 +53,7 @@ def create(session: Session, settings: Settings, user: User, dataset_id: int, sp
             "available (GET /api/v1/backbones), or set pretrained=false")
     job = Job(owner_id=user.id, dataset_id=ds.id, spec=spec.model_dump(), status=JobStatus.queued.value,
               total_epochs=spec.epochs)
-    session.add(job)
-    session.flush()
-    session.add(JobEvent(job_id=job.id, kind="status", data={"status": "queued", "error": None}))
-    session.commit()
+    lifecycle.create(session, job)
     enqueue(session, settings, job)
     return job
 
@@ -71,29 +63,10 @@ def cancel(session: Session, user: User, job_id: int, settings: Settings | None 
     flag within a second or two and stops; if its worker stopped responding (no heartbeat for
     GRAFT_HEARTBEAT_TIMEOUT_S), cancelled at once (were the worker only slow, it finds the row changed and
     stops). Finished: 409."""
-    from app.core.settings import get_settings
-
     job = get_owned(session, user, job_id)
     if job.status in FINAL_STATUSES:
         raise Conflict(f"job {job.id} already {job.status}: there is nothing to cancel")
-    now = utcnow()
-    # the flag first: from then on no worker claims the job, and the reaper never re-queues it
-    session.execute(update(Job).where(Job.id == job.id, Job.status.not_in(FINAL_STATUSES))
-                    .values(cancel_requested=True))
-    done = dict(status=JobStatus.cancelled.value, finished_at=now, stage=None)
-    error = "cancelled on request"
-    n = session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.queued.value)
-                        .values(error=error, **done)).rowcount
-    if not n:
-        cutoff = now - dt.timedelta(seconds=(settings or get_settings()).heartbeat_timeout_s)
-        error = "cancelled on request (its worker had stopped responding)"
-        n = session.execute(update(Job).where(
-            Job.id == job.id, Job.status == JobStatus.running.value,
-            func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at) < cutoff).values(error=error, **done)
-        ).rowcount
-    if n:
-        session.add(JobEvent(job_id=job.id, kind="status", data={"status": "cancelled", "error": error}))
-    session.commit()
+    lifecycle.request_cancel(session, job, (settings or get_settings()).heartbeat_timeout_s)
     session.refresh(job)
     return job
 

@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, Unprocessable
 from app.core.settings import Settings
-from app.db.models import FINAL_STATUSES, Dataset, Job, JobEvent, JobStatus, User
+from app.db.models import FINAL_STATUSES, Dataset, Job, JobStatus, User
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
+from app.services import lifecycle
 from domain.advice import Advice, recommend_strategy
 from domain.catalog import CATALOG
 from domain.spec import ProbeSpec
@@ -56,10 +57,7 @@ def start(session: Session, settings: Settings, user: User, dataset_id: int, spe
     spec = spec.model_copy(update={"backbones": names})
     job = Job(owner_id=user.id, dataset_id=ds.id, kind=PROBE, spec=spec.model_dump(), status=JobStatus.queued.value,
               total_epochs=0)
-    session.add(job)
-    session.flush()
-    session.add(JobEvent(job_id=job.id, kind="status", data={"status": "queued", "error": None}))
-    session.commit()
+    lifecycle.create(session, job)
     job_service.enqueue(session, settings, job)
     return job
 

@@ -32,6 +32,8 @@ import playwright.sync_api as playwright_api
 import pytest
 from support.paths import HYMENOPTERA, ROOT
 
+pytestmark = pytest.mark.e2e  # starts real servers
+
 GRAFT = Path(sys.executable).with_name("graft")
 CHROMIUM = Path(os.environ.get("GRAFT_CHROMIUM", "/usr/bin/chromium"))
 OUT = Path(os.environ.get("GRAFT_TEST_OUTPUT", ROOT / "test-output")) / "browser"

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytestmark = pytest.mark.e2e  # starts real servers
+
 GRAFT = Path(sys.executable).with_name("graft")
 
 

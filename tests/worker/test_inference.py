@@ -23,6 +23,8 @@ from app.main import create_app
 from app.services import auth
 from worker.engine.predict import Predictor
 
+pytestmark = pytest.mark.e2e  # starts real servers
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -137,3 +137,14 @@ def preprocess_image(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
     """One PIL image -> one normalized 1x3xHxW tensor, exactly as validation images are prepared."""
     t = eval_transform(pre.image_size)(to_tensor_u8(resize_short(_to_rgb(img), pre.resize_size, pre.interpolation)))
     return normalize(t.unsqueeze(0), pre, channels_last=False)
+
+
+def image_loader(store: ImageStore, idx: list[int], labels: list[int], transform, batch_size: int, shuffle: bool,
+                 device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches of the store's images `idx`: decoded in loader workers until every one is cached in memory,
+    then in this process (workers would only add start-up time)."""
+    ds = ImageDataset(store, idx, labels, transform)
+    cached = all(store.cache[i] is not None for i in idx)
+    workers = 0 if cached else min(4, len(os.sched_getaffinity(0)))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=False)

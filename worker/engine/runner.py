@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from .checkpoint import (
     model_state,
     save_checkpoint,
 )
-from .data import DataSplit, ImageDataset, ImageStore, discover, eval_transform, normalize, subsample, train_transform
+from .data import DataSplit, ImageStore, discover, eval_transform, image_loader, normalize, subsample, train_transform
 from .device import amp_dtype_for, autocast, pick_device, rng_state, seed_everything, set_cpu_threads, set_rng_state
 from .features import FeatureCache
 from .loop import micro_batch, predict, retry_on_oom, train_epoch_on_features, train_epoch_on_images
@@ -128,12 +127,7 @@ class Runner:
     # ------------------------------------------------------------ batches
 
     def _loader(self, idx, labels, transform, shuffle: bool):
-        ds = ImageDataset(self.store, idx, labels, transform)
-        cached = all(self.store.cache[i] is not None for i in idx)
-        workers = 0 if cached else min(4, len(os.sched_getaffinity(0)))
-        return torch.utils.data.DataLoader(ds, batch_size=self.spec.batch_size, shuffle=shuffle,
-                                           num_workers=workers, pin_memory=self.device.type == "cuda",
-                                           persistent_workers=False)
+        return image_loader(self.store, idx, labels, transform, self.spec.batch_size, shuffle, self.device)
 
     def _inputs(self, x_u8: torch.Tensor) -> torch.Tensor:
         return normalize(x_u8.to(self.device, non_blocking=True), self.pre, self.channels_last)

@@ -23,12 +23,13 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.settings import Settings, get_settings
 from app.db.models import Job, JobEvent, JobStatus
 from app.db.session import session_factory
+from app.services.lifecycle import last_sign_of_life
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,6 @@ SEND_GRACE_S = 5.0
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def last_sign_of_life():
-    """The job's heartbeat; a row without one counts from its start (or creation)."""
-    return func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at)
 
 
 def _event(s: Session, job_id: int, kind: str, data: dict) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -111,14 +110,19 @@ class UploadLimit:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
-    if settings.weights_dir:  # where the catalog looks for pretrained weights (as torch would)
-        os.environ["TORCH_HOME"] = str(settings.weights_dir)
+    settings.use_weights_dir()
     # /docs is served by app.web.routes with the vendored Swagger UI (no CDN: closed networks)
     app = FastAPI(title="Graft", version="0.1.0", docs_url=None, redoc_url=None,
                   description="Self-hosted transfer learning on images. Authenticate with `Authorization: "
                               "Bearer <token>` (create one with `graft token create --name NAME`).")
     app.state.settings = settings
     app.state.sessions = session_factory(settings.db_url)
+
+    from app.web.render import SignInRequired, sign_in_page
+
+    @app.exception_handler(SignInRequired)
+    async def sign_in_required(request: Request, exc: SignInRequired):
+        return sign_in_page(request)
 
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError):

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -30,25 +31,32 @@ def default_cache_dir() -> Path:
     return shared_default()
 
 
+def _default(name: str):
+    """RunSpec's default for an option: the one definition (the API and the pages use it too)."""
+    from domain.spec import RunSpec
+
+    return RunSpec.model_fields[name].default
+
+
 def train(
     data_dir: Path = typer.Argument(..., help="Folder with train/ and val/ (or train/ only, or class folders)."),
-    backbone: str = typer.Option("efficientnet_lite0", help="See `graft backbones`."),
-    strategy: str = typer.Option("features", help="features | finetune_last:N | full | two_stage"),
-    epochs: int = typer.Option(10, min=1),
+    backbone: str = typer.Option(_default("backbone"), help="See `graft backbones`."),
+    strategy: str = typer.Option(_default("strategy"), help="features | finetune_last:N | full | two_stage"),
+    epochs: int = typer.Option(_default("epochs"), min=1),
     lr: float | None = typer.Option(None, help="Base learning rate (default depends on the strategy)."),
-    batch_size: int = typer.Option(32, min=1),
+    batch_size: int = typer.Option(_default("batch_size"), min=1),
     image_size: int | None = typer.Option(None, help="Input size (default: the backbone's)."),
-    augment: str = typer.Option("light", help="none | light | standard"),
-    seed: int = typer.Option(0),
+    augment: str = typer.Option(_default("augment"), help="none | light | standard"),
+    seed: int = typer.Option(_default("seed")),
     out: Path | None = typer.Option(None, help="Output folder (default: runs/<backbone>-<time>)."),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init instead of ImageNet weights."),
     head_epochs: int | None = typer.Option(None, help="two_stage: epochs of the head-only stage."),
-    optimizer: str = typer.Option("adamw", help="adamw | sgd"),
-    schedule: str = typer.Option("cosine", help="cosine | step | constant"),
-    patience: int | None = typer.Option(5, help="Early stopping patience on val loss (0 disables)."),
-    label_smoothing: float = typer.Option(0.1),
-    feature_views: int = typer.Option(2, help="Frozen backbone: augmented views per train image."),
-    val_fraction: float = typer.Option(0.2, help="Val share when the data has no val split."),
+    optimizer: str = typer.Option(_default("optimizer"), help="adamw | sgd"),
+    schedule: str = typer.Option(_default("schedule"), help="cosine | step | constant"),
+    patience: int | None = typer.Option(_default("patience"), help="Early stopping patience on val loss (0 disables)."),
+    label_smoothing: float = typer.Option(_default("label_smoothing")),
+    feature_views: int = typer.Option(_default("feature_views"), help="Frozen backbone: augmented views per train image."),
+    val_fraction: float = typer.Option(_default("val_fraction"), help="Val share when the data has no val split."),
     max_train_images: int | None = typer.Option(None, help="Train on a stratified subset."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.pt."),
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default $GRAFT_CACHE_DIR, else <$GRAFT_DATA_DIR or graft-data>/cache)."),
@@ -129,16 +137,17 @@ def probe(
                                device=device)
     except GraftError as e:
         _fail(str(e))
-    out = result.to_dict()
+    out = result.model_dump(mode="json")
     if advise:
         from domain.advice import recommend_strategy
 
-        out["advice"] = recommend_strategy(result.counts, result.measured).to_dict()
+        measured = result.measured.to_json() if result.measured else None
+        out["advice"] = recommend_strategy(result.counts, measured).to_dict()
     if as_json:
         sys.stdout.write(json.dumps(out) + "\n")
     else:
         _print_leaderboard(out)
-    if result.status == "stopped" or not any(r.get("error") is None for r in result.rows):
+    if result.status == "stopped" or not any(r.error is None for r in result.rows):
         raise typer.Exit(1)
 
 
@@ -172,7 +181,8 @@ def backbones(as_json: bool = typer.Option(False, "--json")) -> None:
     """List every backbone and whether its pretrained weights are available on this machine."""
     from domain.catalog import CATALOG
 
-    rows = [{"name": e.name, "description": e.description, "params": e.params, "image_size": e.image_size,
+    rows: list[dict[str, Any]] = [{"name": e.name, "description": e.description, "params": e.params,
+                                   "image_size": e.image_size,
              "pretrained_available": e.weights_available(), "weights_file": str(e.weights_path()),
              "weights_url": e.weights_url} for e in CATALOG.values()]
     if as_json:

@@ -1,6 +1,11 @@
 """A rich progress bar and epoch table for the command line, driven by the engine's callbacks."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -19,8 +24,8 @@ class RichCallbacks(Callbacks):
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                  console=self.console, transient=True, disable=quiet)
-        self.task = None
-        self.key = None
+        self.task: TaskID | None = None
+        self.key: tuple[str, int] | None = None
 
     def __enter__(self):
         self.progress.start()
@@ -46,7 +51,8 @@ class RichCallbacks(Callbacks):
                 self.progress.remove_task(self.task)
             self.task = self.progress.add_task(desc, total=p.total)
             self.key = key
-        self.progress.update(self.task, completed=p.done)
+        if self.task is not None:
+            self.progress.update(self.task, completed=p.done)
 
     def on_epoch_end(self, m: EpochMetric) -> None:
         self.console.print(

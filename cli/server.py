@@ -21,8 +21,7 @@ def _settings():
 
     s = get_settings()
     s.ensure_dirs()
-    if s.weights_dir:
-        os.environ["TORCH_HOME"] = str(s.weights_dir)
+    s.use_weights_dir()
     return s
 
 

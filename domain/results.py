@@ -54,17 +54,18 @@ class Mistake(Result):
     true: str
     predicted: str
     confidence: float = Field(description="The predicted class's probability.")
-    true_class_probability: float
+    true_class_probability: float | None = None
 
 
 class EvaluationReport(Result):
     """How good the model is on the val set."""
 
     accuracy: float
-    macro_f1: float
-    confusion_matrix: list[list[int]] = Field(description="Rows: true class; columns: predicted class.")
-    classes: list[str]
-    per_class: dict[str, ClassScores]
+    macro_f1: float | None = None
+    confusion_matrix: list[list[int]] = Field(default_factory=list,
+                                              description="Rows: true class; columns: predicted class.")
+    classes: list[str] = Field(default_factory=list)
+    per_class: dict[str, ClassScores] = Field(default_factory=dict)
     top_k: dict[str, float] = Field(default_factory=dict, description="top3/top5 accuracy (more than 5 classes).")
     mistakes: list[Mistake] = Field(default_factory=list)
     images: int = 0
@@ -101,7 +102,7 @@ class RunSummary(Result):
     """A finished run: the figures of its best epoch, what it saw, and (in a job's stored result) the
     evaluation report and the exports."""
 
-    status: str = Field(description="completed | early_stopped | stopped")
+    status: str = Field("completed", description="completed | early_stopped | stopped")
     val_acc: float | None = None
     val_loss: float | None = None
     best_epoch: int | None = None
@@ -154,12 +155,12 @@ class DomainGap(Result):
     backbone: str
     probe_acc: float
     finetune_acc: float
-    gain: float
-    stderr: float
-    val_images: int
-    train_images: int
-    image_size: int
-    epochs: int
+    gain: float | None = None
+    stderr: float | None = None
+    val_images: int | None = None
+    train_images: int | None = None
+    image_size: int | None = None
+    epochs: int | None = None
     finetuned: str | list[str] | None = None
     seconds: float = 0.0
 
@@ -167,7 +168,7 @@ class DomainGap(Result):
 class ProbeResult(Result):
     """A backbone comparison: the ranked leaderboard and, when asked for, the domain-gap measurement."""
 
-    status: str = Field(description="completed | stopped")
+    status: str = Field("completed", description="completed | stopped")
     classes: list[str] = Field(default_factory=list)
     counts: dict[str, dict[str, int]] = Field(default_factory=dict)
     layout: str = ""

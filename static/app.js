@@ -67,5 +67,9 @@ const Graft = (() => {
   }
   document.addEventListener("DOMContentLoaded", () => localTimes());
 
-  return { csrf, api, errorMessage, show, hide, duration, pct, bytes, localTimes };
+  /* The words for a job's stage ("decode" -> "Decoding images"): the server's one list (app.web.render.STAGES). */
+  const stagesEl = document.getElementById("graft-stages");
+  const stages = stagesEl ? JSON.parse(stagesEl.textContent) : {};
+
+  return { csrf, api, errorMessage, show, hide, duration, pct, bytes, localTimes, stages };
 })();

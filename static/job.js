@@ -3,8 +3,7 @@
 (() => {
   const data = JSON.parse(document.getElementById("job-data").textContent);
   const FINAL = ["succeeded", "failed", "cancelled"];
-  const STAGES = { decode: "Decoding images", features: "Computing features", train: "Training", val: "Validating",
-                   export: "Exporting the model (TorchScript, ONNX)" };
+  const STAGES = Graft.stages;
   const $ = (id) => document.getElementById(id);
   const seen = new Set();
 

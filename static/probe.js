@@ -4,8 +4,7 @@
 "use strict";
 (() => {
   const FINAL = ["succeeded", "failed", "cancelled"];
-  const STAGES = { decode: "Decoding images", features: "Computing features", probe: "Fitting linear classifiers",
-                   advise: "Measuring how far the images are from ImageNet" };
+  const STAGES = Graft.stages;
   const $ = (id) => document.getElementById(id);
 
   function stageText(s) {

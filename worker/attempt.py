@@ -4,19 +4,26 @@ conditional on (job id, attempt). Shared by every job kind (worker.runjob, worke
 the reconciler (worker.reaper: ACTIVE); it imports none of them."""
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import EpochMetric, Job, JobEvent, JobStatus
+from app.core.settings import Settings
+from app.db.models import EpochMetric, Job, JobStatus
+from app.services import lifecycle
 from domain.callbacks import BatchProgress, Callbacks
 from domain.callbacks import EpochMetric as EngineEpoch
+from domain.clock import utcnow
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # set (from a signal handler: a plain assignment) when this worker is shutting down
 _shutting_down = False
@@ -34,19 +41,24 @@ def shutting_down() -> bool:
     return _shutting_down
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
-def add_event(s: Session, job_id: int, kind: str, data: dict) -> None:
-    s.add(JobEvent(job_id=job_id, kind=kind, data=data))
+add_event = lifecycle.record_event
+owned = lifecycle.owned
 
 
-def owned(job_id: int, attempt: int | None) -> tuple:
-    """The WHERE clause of a write by run `attempt` of job `job_id` (any run when attempt is None)."""
-    if attempt is None:
-        return (Job.id == job_id,)
-    return (Job.id == job_id, Job.status == JobStatus.running.value, Job.attempts == attempt)
+@dataclass
+class Attempt:
+    """One claimed run of a job, as a job kind's handler gets it (worker.runjob.JOB_KINDS)."""
+
+    sessions: sessionmaker[Session]
+    job_id: int
+    attempt: int
+    reporter: Reporter
+    heartbeat: Heartbeat
+    spec: dict
+    data_dir: Path
+    settings: Settings
 
 
 # Share of the progress bar for the training run; the exports (TorchScript, ONNX and its check) fill the rest.
@@ -81,8 +93,7 @@ class Reporter(Callbacks):
         if self.lost:
             return
         with self.S() as s:
-            n = s.execute(update(Job).where(*owned(self.job_id, self.attempt))
-                          .values(heartbeat_at=utcnow(), **values)).rowcount
+            n = lifecycle.update_running(s, self.job_id, self.attempt, heartbeat_at=utcnow(), **values)
             s.commit()
         if not n:
             self._lose()
@@ -96,7 +107,7 @@ class Reporter(Callbacks):
     def _owns(self, s: Session) -> bool:
         if self.lost:
             return False
-        if self.attempt is not None and not s.scalar(select(Job.id).where(*owned(self.job_id, self.attempt))):
+        if not lifecycle.still_owned(s, self.job_id, self.attempt):
             self._lose()
         return not self.lost
 
@@ -128,8 +139,7 @@ class Reporter(Callbacks):
             if m.is_best or best is None:
                 values["best_val_acc"] = m.val_acc
             # the row first: when this run no longer owns it, nothing of this epoch is written
-            if self.lost or not s.execute(update(Job).where(*owned(self.job_id, self.attempt))
-                                          .values(**values)).rowcount:
+            if self.lost or not lifecycle.update_running(s, self.job_id, self.attempt, **values):
                 s.rollback()
                 self._lose()
                 return
@@ -168,8 +178,7 @@ class Heartbeat(threading.Thread):
         while not self._done.wait(self.every) and not r.lost:
             try:
                 with r.S() as s:
-                    n = s.execute(update(Job).where(*owned(r.job_id, r.attempt))
-                                  .values(heartbeat_at=utcnow())).rowcount
+                    n = lifecycle.update_running(s, r.job_id, r.attempt, heartbeat_at=utcnow())
                     s.commit()
                 if not n:
                     r._lose()
@@ -185,47 +194,33 @@ def _finish(S: sessionmaker[Session], job_id: int, status: str, error: str | Non
             result: dict | None = None, attempt: int | None = None) -> bool:
     """Record the outcome, if the row still belongs to run `attempt`. Returns whether it did."""
     with S() as s:
-        values = dict(status=status, error=error, finished_at=utcnow(), heartbeat_at=utcnow(), stage=None)
-        if status == JobStatus.succeeded.value:
-            values.update(progress=1.0, eta_seconds=0.0)
-        if result is not None:
-            values["result"] = result
-        if not s.execute(update(Job).where(*owned(job_id, attempt)).values(**values)).rowcount:
+        if not lifecycle.finish(s, job_id, status, error, result, attempt):
             log.warning("job %s (attempt %s) no longer belongs to this worker: its outcome (%s) is not recorded",
                         job_id, attempt, status)
             return False
-        add_event(s, job_id, "status", {"status": status, "error": error})
         s.commit()
         return True
 
 
 def _release(S: sessionmaker[Session], job_id: int, attempt: int, epoch: int) -> bool:
-    """This worker is shutting down: put the job back in the queue (the attempt does not count); it
-    continues from its last checkpoint on the next worker. False if the run no longer owns the job, or a
-    cancel was asked for (then it is cancelled, not released)."""
+    """This worker is shutting down: put the job back in the queue (lifecycle.release)."""
     with S() as s:
-        n = s.execute(update(Job).where(*owned(job_id, attempt), Job.cancel_requested.is_(False)).values(
-            status=JobStatus.queued.value, attempts=Job.attempts - 1, celery_task_id=None, stage=None,
-            eta_seconds=None)).rowcount
-        if not n:
+        if not lifecycle.release(s, job_id, attempt, epoch):
             return False
-        after = f"after epoch {epoch}" if epoch else "from the start"
-        add_event(s, job_id, "message", {"message": f"the worker is shutting down: job put back in the queue; "
-                                                    f"it continues {after} on the next worker"})
-        add_event(s, job_id, "status", {"status": JobStatus.queued.value, "error": None})
         s.commit()
     # no task id: another worker's reconciler sends it (not this one: its consumer may still take it)
     return True
 
 
-def call_engine(S: sessionmaker[Session], job_id: int, attempt: int, what: str, call) -> tuple[object, str | None]:
-    """(the engine's result, None), or (None, the outcome) when it raised: a GraftError (bad data or spec)
+def call_engine(S: sessionmaker[Session], job_id: int, attempt: int, what: str,
+                call: Callable[[], T]) -> tuple[T | None, str]:
+    """(the engine's result, ""), or (None, the outcome) when it raised: a GraftError (bad data or spec)
     fails the job with its message; anything else is a bug or an environment problem, said as such, and the
     worker stays alive."""
     from domain.errors import GraftError
 
     try:
-        return call(), None
+        return call(), ""
     except GraftError as e:
         ok = _finish(S, job_id, JobStatus.failed.value, str(e), attempt=attempt)
     except Exception as e:
@@ -246,7 +241,7 @@ def stopped(S: sessionmaker[Session], job_id: int, attempt: int, reporter: Repor
         heartbeat.stop()
         if _release(S, job_id, attempt, epochs_run):
             return "released"
-    ok = _finish(S, job_id, JobStatus.cancelled.value, "cancelled on request", attempt=attempt)
+    ok = _finish(S, job_id, JobStatus.cancelled.value, lifecycle.CANCELLED, attempt=attempt)
     return "cancelled" if ok else "superseded"
 
 

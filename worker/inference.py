@@ -35,7 +35,7 @@ class ModelCache:
                 self._items.move_to_end(key)
                 return self._items[key]
         predictor = Predictor(path)
-        predictor.lock = threading.Lock()
+        predictor.lock = threading.Lock()  # type: ignore[attr-defined]
         with self._lock:
             self._items[key] = predictor
             while len(self._items) > self.size:
@@ -67,7 +67,7 @@ def create_inference_app(data_dir: Path, cache_size: int = 4) -> FastAPI:
             if not path.is_relative_to(data_dir) or not path.is_file():
                 return _error(404, f"model file {model} not found under the data directory")
             try:
-                top_k = max(1, min(int(form.get("top_k") or 3), 100))
+                top_k = max(1, min(int(str(form.get("top_k") or 3)), 100))
             except ValueError:
                 return _error(400, "top_k must be an integer")
             files = [(f.filename or f"image{i}", f.file) for i, f in enumerate(form.getlist("files"))

@@ -3,36 +3,33 @@ heartbeat, cancel and shutdown handling as a training run (worker.runjob claims 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from app.core.settings import Settings
 from app.db.models import JobStatus
+from worker.attempt import Attempt, _finish, call_engine, stopped
 
 log = logging.getLogger(__name__)
 
 
-def run_probe(S: sessionmaker[Session], job_id: int, attempt: int, reporter, heartbeat, spec_data: dict,
-              data_dir: Path, settings: Settings) -> str:
+def run_probe(a: Attempt) -> str:
     from domain.spec import ProbeSpec
-    from worker.attempt import _finish, call_engine, stopped
     from worker.engine.probe import probe
 
+    S, job_id, attempt, reporter, settings = a.sessions, a.job_id, a.attempt, a.reporter, a.settings
+
     result, outcome = call_engine(S, job_id, attempt, "probe job", lambda: probe(
-        data_dir, ProbeSpec(**spec_data), cache_dir=settings.features_cache_dir, callbacks=reporter,
+        a.data_dir, ProbeSpec(**a.spec), cache_dir=settings.features_cache_dir, callbacks=reporter,
         max_pixels=settings.max_image_pixels))
-    if outcome is not None:
+    if result is None:
         return outcome
     if result.status == "stopped":
-        return stopped(S, job_id, attempt, reporter, heartbeat, 0)
-    good = [r for r in result.rows if r.get("error") is None]
+        return stopped(S, job_id, attempt, reporter, a.heartbeat, 0)
+    good = [r for r in result.rows if r.error is None]
     if not good:
-        errors = "; ".join(f"{r['backbone']}: {r['error']}" for r in result.rows) or "no backbone to compare"
+        errors = "; ".join(f"{r.backbone}: {r.error}" for r in result.rows) or "no backbone to compare"
         ok = _finish(S, job_id, JobStatus.failed.value, f"no backbone could be probed ({errors})",
-                     result.to_dict(), attempt=attempt)
+                     result.to_json(), attempt=attempt)
         return "failed" if ok else "superseded"
-    best = max(r["val_acc"] for r in good)
+    best = max(r.val_acc or 0.0 for r in good)
     reporter._update(best_val_acc=best)
-    ok = _finish(S, job_id, JobStatus.succeeded.value, None, result.to_dict(), attempt=attempt)
+    ok = _finish(S, job_id, JobStatus.succeeded.value, None, result.to_json(), attempt=attempt)
     return "succeeded" if ok else "superseded"

@@ -27,9 +27,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.settings import Settings, get_settings
-from app.db.models import Job, JobEvent, JobStatus
+from app.db.models import Job, JobStatus
 from app.db.session import session_factory
+from app.services import lifecycle
 from app.services.lifecycle import last_sign_of_life
+from domain.clock import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -38,30 +40,9 @@ log = logging.getLogger(__name__)
 SEND_GRACE_S = 5.0
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
-def _event(s: Session, job_id: int, kind: str, data: dict) -> None:
-    s.add(JobEvent(job_id=job_id, kind=kind, data=data))
-
-
-def _ago(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
-
-
-def _lost(timeout_s: float) -> str:
-    if timeout_s <= 0:  # `graft serve` at start-up: its previous worker is gone
-        return "stopped before the job finished"
-    return f"stopped responding (no heartbeat for {_ago(timeout_s)})"
-
-
-def lost_message(attempts: int, timeout_s: float) -> str:
-    times = "once" if attempts == 1 else "twice" if attempts == 2 else f"{attempts} times"
-    return (f"the worker running this job {_lost(timeout_s)} {times}: "
-            f"it was killed, ran out of memory or lost its machine; Graft gave up after {attempts} attempt(s). "
-            "The worker log says more; submit the job again (a smaller batch_size or image_size needs less "
-            "memory)")
+lost_message = lifecycle.lost_message  # (tests and `graft serve` read the message from here)
 
 
 @dataclass
@@ -90,44 +71,16 @@ def reap(S: sessionmaker[Session], settings: Settings, stale_after_s: float | No
     for jid, attempts, cancel_requested, worker in rows:
         if jid in exclude:
             continue
-        # the row must still be the one we looked at: running, same attempt, heartbeat still old
-        cond = (Job.id == jid, Job.status == JobStatus.running.value, Job.attempts == attempts,
-                last_sign_of_life() < cutoff)
-        where = f" on {worker}" if worker else ""
         with S() as s:
-            if cancel_requested:
-                error = "cancelled on request (its worker had stopped responding)"
-                n = s.execute(update(Job).where(*cond).values(
-                    status=JobStatus.cancelled.value, error=error, finished_at=now, stage=None)).rowcount
-                if n:
-                    _event(s, jid, "status", {"status": JobStatus.cancelled.value, "error": error})
-                    report.cancelled.append(jid)
-            elif attempts >= settings.max_attempts:
-                error = lost_message(attempts, timeout)
-                n = s.execute(update(Job).where(*cond, Job.cancel_requested.is_(False)).values(
-                    status=JobStatus.failed.value, error=error, finished_at=now, stage=None)).rowcount
-                if n:
-                    _event(s, jid, "status", {"status": JobStatus.failed.value, "error": error})
-                    report.failed.append(jid)
-            else:  # (a cancel that arrives meanwhile wins: the next round cancels it)
-                n = s.execute(update(Job).where(*cond, Job.cancel_requested.is_(False)).values(
-                    status=JobStatus.queued.value, celery_task_id=None, stage=None, eta_seconds=None)).rowcount
-                if n:
-                    _event(s, jid, "message", {"message": (
-                        f"the worker running this job{where} {_lost(timeout)}: job re-queued after attempt "
-                        f"{attempts} of {settings.max_attempts}; it resumes from its last checkpoint")})
-                    _event(s, jid, "status", {"status": JobStatus.queued.value, "error": None})
-                    report.requeued.append(jid)
+            outcome = lifecycle.reap_stale(s, jid, attempts, bool(cancel_requested), worker, cutoff, now,
+                                           settings.max_attempts, timeout)
             s.commit()
-    # a queued job with a cancel request (left by an older version or a crash) is cancelled, never run
+        if outcome is not None:
+            getattr(report, outcome).append(jid)
     with S() as s:
         stuck = s.scalars(select(Job.id).where(Job.status == JobStatus.queued.value,
                                                Job.cancel_requested.is_(True))).all()
-        for jid in stuck:
-            if s.execute(update(Job).where(Job.id == jid, Job.status == JobStatus.queued.value).values(
-                    status=JobStatus.cancelled.value, error="cancelled on request", finished_at=now)).rowcount:
-                _event(s, jid, "status", {"status": JobStatus.cancelled.value, "error": "cancelled on request"})
-                report.cancelled.append(jid)
+        report.cancelled += [jid for jid in stuck if lifecycle.cancel_queued_with_request(s, jid, now)]
         s.commit()
     for kind in ("requeued", "failed", "cancelled"):
         ids = getattr(report, kind)
@@ -145,9 +98,9 @@ def send_job(S: sessionmaker[Session], settings: Settings, jid: int, old_task_id
     task_id = str(uuid.uuid4())
     cond = Job.celery_task_id.is_(None) if old_task_id is None else Job.celery_task_id == old_task_id
     with S() as s:
-        n = s.execute(update(Job).where(Job.id == jid, Job.status == JobStatus.queued.value,
-                                        Job.cancel_requested.is_(False), cond)
-                      .values(celery_task_id=task_id)).rowcount
+        n = lifecycle.changed(s, update(Job).where(Job.id == jid, Job.status == JobStatus.queued.value,
+                                                   Job.cancel_requested.is_(False), cond)
+                              .values(celery_task_id=task_id))
         s.commit()
     if not n:
         return False
@@ -224,7 +177,7 @@ class Reconciler:
         self.missing: dict[int, str] = {}
 
     def tick(self) -> dict:
-        out = {"requeued": [], "failed": [], "cancelled": [], "sent": [], "resent": []}
+        out: dict[str, list[int]] = {"requeued": [], "failed": [], "cancelled": [], "sent": [], "resent": []}
         from worker.attempt import ACTIVE
 
         r = reap(self.S, self.settings, exclude=set(ACTIVE))
@@ -245,7 +198,8 @@ class Reconciler:
                 Job.cancel_requested.is_(False))).all()
         # a job queued now whose message was not in the broker a moment ago: lost, or delivered in between
         # (then it is no longer queued next round). Missing twice in a row with the same task id: lost.
-        missing = {jid: tid for jid, tid in rows if tid not in known and jid not in exclude}
+        missing: dict[int, str] = {jid: tid for jid, tid in rows if tid is not None and tid not in known
+                                   and jid not in exclude}
         resent = []
         for jid, tid in missing.items():
             if self.missing.get(jid) == tid and send_job(self.S, self.settings, jid, tid):

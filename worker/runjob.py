@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from app.core.settings import Settings, get_settings
-from app.db.models import Artifact, Dataset, Job, JobStatus
+from app.db.models import Artifact, Dataset, Job, JobKind, JobStatus
 from app.db.session import session_factory
+from app.services import lifecycle
+from domain.exports import AFTER_TRAINING, EXPORT_FORMATS
 from domain.files import sha256_file
 from domain.results import RunSummary
 from worker.attempt import (  # noqa: F401  (Heartbeat, Reporter, _finish, request_shutdown: imported from here)
     ACTIVE,
     TRAIN_SHARE,
+    Attempt,
     Heartbeat,
     Reporter,
     _finish,
@@ -34,6 +38,7 @@ from worker.attempt import (  # noqa: F401  (Heartbeat, Reporter, _finish, reque
     stopped,
     utcnow,
 )
+from worker.probejob import run_probe
 
 log = logging.getLogger(__name__)
 
@@ -50,73 +55,79 @@ def execute(job_id: int, settings: Settings | None = None) -> str:
 def _execute(job_id: int, settings: Settings) -> str:
     S = session_factory(settings.db_url)
     # import the engine (torch: seconds) before the claim, so that the job's heartbeat starts right after it
-    from domain.spec import RunSpec
-    from worker.engine.runner import run
+    import worker.engine.runner  # noqa: F401
 
     if shutting_down():  # a message taken while this worker stops: leave the job to another worker
         with S() as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value)
-                      .values(celery_task_id=None))
+            lifecycle.defer(s, job_id)
             s.commit()
         log.info("job %s left in the queue: this worker is shutting down", job_id)
         return "deferred"
     with S() as s:
-        claimed = s.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value, Job.cancel_requested.is_(False))
-            .values(status=JobStatus.running.value, started_at=utcnow(), heartbeat_at=utcnow(),
-                    worker=socket.gethostname(), attempts=Job.attempts + 1)
-        ).rowcount
-        if not claimed:
+        job = lifecycle.claim(s, job_id, socket.gethostname(), settings.max_attempts)
+        if job is None:
+            s.rollback()
             job = s.get(Job, job_id)
             log.info("job %s not claimed (status %s)", job_id, job.status if job else "missing")
             return "skipped"
-        add_event(s, job_id, "status", {"status": JobStatus.running.value, "error": None})
-        job = s.get(Job, job_id)
-        attempt = job.attempts
-        if attempt > 1:
-            add_event(s, job_id, "message", {"message": f"attempt {attempt} of {settings.max_attempts}"})
         s.commit()
+        attempt = job.attempts
         dataset = s.get(Dataset, job.dataset_id)
+        if dataset is None:  # deleted meanwhile (a dataset with jobs cannot be deleted)
+            ok = _finish(S, job_id, JobStatus.failed.value, f"dataset {job.dataset_id} is gone", attempt=attempt)
+            return "failed" if ok else "superseded"
         spec_data, data_rel, kind = dict(job.spec), dataset.path, job.kind
 
-    out = settings.runs_dir / str(job_id)
     reporter = Reporter(S, job_id, settings.progress_interval_s, attempt=attempt)
     heartbeat = Heartbeat(reporter, settings.heartbeat_every_s)
     heartbeat.start()
     try:
-        if kind == "probe":  # a backbone comparison (worker.probejob)
-            from worker.probejob import run_probe
-
-            return run_probe(S, job_id, attempt, reporter, heartbeat, spec_data, settings.data_dir / data_rel,
-                             settings)
-        result, outcome = call_engine(S, job_id, attempt, "job", lambda: run(
-            RunSpec(**spec_data), settings.data_dir / data_rel, out, reporter,
-            resume=(out / "checkpoints" / "last.pt").is_file(), cache_dir=settings.features_cache_dir,
-            max_pixels=settings.max_image_pixels))
-        if outcome is not None:
-            return outcome
-        if result.status == "stopped":
-            return stopped(S, job_id, attempt, reporter, heartbeat, result.epochs_run)
-        reporter._update(stage="export", progress=reporter._forward(1.0), eta_seconds=None)
-        exports = _export(reporter, out, result.val_files)
-        with S() as s:
-            if not reporter._owns(s):
-                return "superseded"
-            for kind, name in (("model", "model.pt"), ("metrics", "metrics.json"), ("model_card", "model_card.json"),
-                               ("torchscript", "model.torchscript.pt"), ("onnx", "model.onnx"),
-                               ("confusion_matrix", "confusion_matrix.png")):
-                p = out / name
-                if p.is_file() and not s.scalar(select(Artifact.id).where(Artifact.job_id == job_id,
-                                                                         Artifact.kind == kind)):
-                    s.add(Artifact(job_id=job_id, kind=kind, path=str(p.relative_to(settings.data_dir)),
-                                   size=p.stat().st_size, sha256=sha256_file(p)))
-            s.commit()
-        summary = RunSummary.model_validate({**result.summary().to_json(), "report": result.report,
-                                             "exports": exports})
-        ok = _finish(S, job_id, JobStatus.succeeded.value, None, summary.to_json(), attempt=attempt)
-        return "succeeded" if ok else "superseded"
+        handler = JOB_KINDS.get(kind)
+        if handler is None:
+            ok = _finish(S, job_id, JobStatus.failed.value, f"this worker cannot run jobs of kind {kind!r} (it runs "
+                         f"{', '.join(JOB_KINDS)}): upgrade the worker", attempt=attempt)
+            return "failed" if ok else "superseded"
+        return handler(Attempt(S, job_id, attempt, reporter, heartbeat, spec_data, settings.data_dir / data_rel,
+                               settings))
     finally:
         heartbeat.stop()
+
+
+def run_train(a: Attempt) -> str:
+    """A training run (kind "train"): the engine's run, resumed from its checkpoint when there is one, then
+    the exports, the artifacts and the typed summary as the job's result."""
+    from domain.spec import RunSpec
+    from worker.engine.runner import run
+
+    S, job_id, settings, reporter = a.sessions, a.job_id, a.settings, a.reporter
+    out = settings.runs_dir / str(job_id)
+    result, outcome = call_engine(S, job_id, a.attempt, "job", lambda: run(
+        RunSpec(**a.spec), a.data_dir, out, reporter, resume=(out / "checkpoints" / "last.pt").is_file(),
+        cache_dir=settings.features_cache_dir, max_pixels=settings.max_image_pixels))
+    if result is None:
+        return outcome
+    if result.status == "stopped":
+        return stopped(S, job_id, a.attempt, reporter, a.heartbeat, result.epochs_run)
+    reporter._update(stage="export", progress=reporter._forward(1.0), eta_seconds=None)
+    exports = _export(reporter, out, result.val_files)
+    with S() as s:
+        if not reporter._owns(s):
+            return "superseded"
+        files = [(f.artifact, f.file) for f in EXPORT_FORMATS.values()]
+        for kind, name in files + [("metrics", "metrics.json"), ("confusion_matrix", "confusion_matrix.png")]:
+            p = out / name
+            if p.is_file() and not s.scalar(select(Artifact.id).where(Artifact.job_id == job_id,
+                                                                     Artifact.kind == kind)):
+                s.add(Artifact(job_id=job_id, kind=kind, path=str(p.relative_to(settings.data_dir)),
+                               size=p.stat().st_size, sha256=sha256_file(p)))
+        s.commit()
+    summary = RunSummary.model_validate({**result.summary().to_json(), "report": result.report, "exports": exports})
+    ok = _finish(S, job_id, JobStatus.succeeded.value, None, summary.to_json(), attempt=a.attempt)
+    return "succeeded" if ok else "superseded"
+
+
+# what a worker runs for each job kind (app.db.models.JobKind); a new kind adds its entry here
+JOB_KINDS: dict[str, Callable[[Attempt], str]] = {JobKind.train.value: run_train, JobKind.probe.value: run_probe}
 
 
 def _export(reporter: Reporter, out, val_files: list[str]) -> list[dict]:
@@ -129,7 +140,7 @@ def _export(reporter: Reporter, out, val_files: list[str]) -> list[dict]:
     except Exception as e:  # an exporter bug must not lose a trained model
         log.exception("exports failed")
         return [{"format": f, "path": None, "ok": False, "error": f"export crashed: {type(e).__name__}: {e}",
-                 "parity": None} for f in ("torchscript", "onnx")]
+                 "parity": None} for f in AFTER_TRAINING]
     for r in results:
         if not r["ok"]:
             reporter.on_message(f"{r['format']} export failed: {r['error']}")

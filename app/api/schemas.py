@@ -4,18 +4,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from domain.clock import as_utc
+from domain.results import EvaluationReport, ExportCheck, Mistake
 from domain.spec import RunSpec
 
-
-def _utc(t: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes (stored as UTC), PostgreSQL aware ones in the session's zone:
-    the API always answers in UTC with an explicit offset, so clients never read them as local time."""
-    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
-
-
-UTCDatetime = Annotated[dt.datetime, AfterValidator(_utc)]
+# the API always answers in UTC with an explicit offset, so clients never read times as local
+UTCDatetime = Annotated[dt.datetime, AfterValidator(as_utc)]
 
 
 class ErrorBody(BaseModel):
@@ -86,7 +82,7 @@ class JobOut(BaseModel):
         # each val image's classes stay out of job listings (polled by the dashboard): they grow with the
         # val set; /evaluation and /jobs/compare serve them
         report = (v or {}).get("report")
-        if isinstance(report, dict) and ("y_true" in report or "y_pred" in report):
+        if v is not None and isinstance(report, dict) and ("y_true" in report or "y_pred" in report):
             v = {**v, "report": {k: x for k, x in report.items() if k not in ("y_true", "y_pred")}}
         return v
 
@@ -115,3 +111,112 @@ class BackboneOut(BaseModel):
     pretrained_available: bool
     weights_file: str
     weights_url: str | None
+
+
+# ---------------------------------------------------------------- results: evaluation, predictions, comparison
+
+
+class MistakeOut(Mistake):
+    image_url: str = Field(description="A thumbnail of the image (GET).")
+
+
+class EvaluationOut(EvaluationReport):
+    """GET /api/v1/jobs/{id}/evaluation: the evaluation report on the val set, with links and the exports."""
+
+    job_id: int
+    mistakes: list[MistakeOut] = Field(default_factory=list,  # type: ignore[assignment]
+                                       description="Most confident mistakes first.")
+    confusion_matrix_png: str = Field(description="The confusion matrix as a picture (GET).")
+    exports: list[ExportCheck] = Field(default_factory=list)
+
+
+class ClassProbability(BaseModel):
+    class_: str = Field(alias="class", serialization_alias="class")
+    probability: float
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class Prediction(BaseModel):
+    """One image: its top-k classes, or why it could not be classified (that image alone fails)."""
+
+    model_config = ConfigDict(extra="allow")
+    file: str
+    top: list[ClassProbability] | None = Field(None, description="Most probable first.")
+    error: str | None = None
+
+
+class PredictOut(BaseModel):
+    job_id: int
+    results: list[Prediction] = Field(description="One per image sent, in order.")
+
+
+class CompareMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    val_acc: float
+    val_acc_low: float = Field(description="Bootstrap 95% interval of val accuracy.")
+    val_acc_high: float
+    val_images: int
+    val_right: int
+    macro_f1: float | None = None
+    val_loss: float | None = None
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    seconds: float | None = None
+    device: str | None = None
+    top_k: dict[str, float] = Field(default_factory=dict)
+
+
+class CompareJob(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: int
+    status: str
+    created_at: str | None = Field(None, description="ISO 8601, UTC.")
+    finished_at: str | None = None
+    spec: dict[str, Any]
+    metrics: CompareMetrics
+    per_image: bool = Field(description="Whether per-image predictions are stored (paired comparison).")
+    val_set: str | None = None
+    curves: list[dict[str, Any]] = Field(description="Per-epoch train and val loss and accuracy.")
+
+
+class CompareParameter(BaseModel):
+    name: str
+    values: list[Any]
+    text: list[str]
+    differs: bool
+
+
+class CompareClass(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    class_: str = Field(alias="class", serialization_alias="class")
+    support: int | None = None
+    f1: list[float | None]
+    diff: list[float | None] = Field(description="F1 minus the baseline's (None for the baseline).")
+
+
+class CompareDifference(BaseModel):
+    """One job against the baseline: its val accuracy minus the baseline's, with a 95% interval."""
+
+    model_config = ConfigDict(extra="allow")
+    job_id: int
+    baseline_id: int
+    method: str = Field(description="paired (same val images, per-image predictions) | independent")
+    difference: float
+    low: float
+    high: float
+    images: int
+    real: bool = Field(description="Whether the interval excludes zero.")
+    sentence: str
+
+
+class CompareOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    dataset: dict[str, Any]
+    baseline_id: int
+    jobs: list[CompareJob]
+    parameters: list[CompareParameter]
+    differing_parameters: list[str]
+    per_class: list[CompareClass]
+    comparisons: list[CompareDifference]
+    bootstrap: dict[str, Any]

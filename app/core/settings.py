@@ -90,6 +90,12 @@ class Settings(BaseSettings):
                   self.broker_dir / "processed"):
             d.mkdir(parents=True, exist_ok=True)
 
+    def use_weights_dir(self) -> None:
+        """Point TORCH_HOME at `weights_dir` when set: where the catalog looks for pretrained weights and
+        torch keeps them (the server and every `graft` command call this once at start)."""
+        if self.weights_dir:
+            os.environ["TORCH_HOME"] = str(self.weights_dir)
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -11,9 +11,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+from domain.clock import utcnow
 
 
 class Base(DeclarativeBase):
@@ -26,6 +24,11 @@ class JobStatus(str, enum.Enum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+
+
+class JobKind(str, enum.Enum):
+    train = "train"  # a training run: spec is a RunSpec
+    probe = "probe"  # a backbone comparison: spec is a ProbeSpec
 
 
 FINAL_STATUSES = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)
@@ -93,7 +96,7 @@ class Job(Base):
     # times a worker started the job (the claim counts it); identifies the run that owns a 'running' row
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # "train": a training run (spec is a RunSpec); "probe": a backbone comparison (spec is a ProbeSpec)
-    kind: Mapped[str] = mapped_column(String(16), default="train", server_default="train")
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.train.value, server_default=JobKind.train.value)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)

@@ -12,12 +12,12 @@ from sqlalchemy.orm import Session, joinedload
 
 from app.core.errors import BadRequest, Conflict, NotFound
 from app.db.models import ApiToken, User
+from domain import clock
 
 LOGIN_TTL = dt.timedelta(hours=24)
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+utcnow = clock.utcnow
 
 
 def hash_token(token: str) -> str:
@@ -57,8 +57,7 @@ def create_token(session: Session, user: User, name: str, kind: str = "api",
     return token
 
 
-def _aware(t: dt.datetime | None) -> dt.datetime | None:
-    return t.replace(tzinfo=dt.UTC) if t is not None and t.tzinfo is None else t
+_aware = clock.as_utc
 
 
 def lookup(session: Session, token: str, kinds: tuple[str, ...]) -> ApiToken | None:

@@ -19,7 +19,6 @@ A difference is "real" when its 95% interval excludes zero, "within noise" when 
 """
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,7 +27,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
-from app.db.models import MAX_ID, EpochMetric, Job, User
+from app.db.models import EpochMetric, Job, JobStatus, User
+from app.services import access
+from domain.clock import iso_utc
+from domain.results import RunSummary
 from domain.spec import RunSpec
 
 MIN_JOBS = 2
@@ -150,10 +152,7 @@ def parse_ids(raw: str | Iterable[str] | None) -> list[int]:
 # ---------------------------------------------------------------- the comparison
 
 
-def _utc(t: dt.datetime | None) -> str | None:
-    if t is None:
-        return None
-    return (t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)).isoformat()
+_utc = iso_utc
 
 
 def _outcomes(report: dict) -> tuple[int, int, np.ndarray | None]:
@@ -245,24 +244,36 @@ def _curves(session: Session, ids: list[int]) -> dict[int, list[dict]]:
     return out
 
 
+def _given(summary: RunSummary, name: str) -> Any:
+    """A stored field, None when the stored result did not have it (an older job)."""
+    return getattr(summary, name) if name in summary.model_fields_set else None
+
+
+def _report(job: Job) -> dict | None:
+    """The job's evaluation report as stored, when it has one with a confusion matrix."""
+    summary = RunSummary.from_stored(job.result)
+    if summary is None or summary.report is None or not summary.report.confusion_matrix:
+        return None
+    return summary.report.to_json()
+
+
 def load_jobs(session: Session, user: User, ids: list[int]) -> list[Job]:
     """The user's jobs with these ids, checked: all exist and are theirs (404), all succeeded with an
     evaluation (409), all on one dataset (422)."""
     jobs = []
     for jid in ids:
-        job = session.get(Job, jid) if 1 <= jid <= MAX_ID else None
-        if job is None or job.owner_id != user.id:
+        job = access.get_visible(session, Job, user, jid)
+        if job is None:
             raise NotFound(f"job {jid} not found: list yours with GET /api/v1/jobs", {"job_id": jid})
         jobs.append(job)
-    unfinished = [j for j in jobs if j.status != "succeeded"]
+    unfinished = [j for j in jobs if j.status != JobStatus.succeeded.value]
     if unfinished:
         what = ", ".join(f"job {j.id} is {j.status}" for j in unfinished)
         raise Conflict(f"only succeeded jobs have val results to compare: {what}; wait for "
                        f"{'it' if len(unfinished) == 1 else 'them'} to finish or leave "
                        f"{'it' if len(unfinished) == 1 else 'them'} out",
                        {"not_succeeded": [{"job_id": j.id, "status": j.status} for j in unfinished]})
-    no_report = [j.id for j in jobs if not isinstance((j.result or {}).get("report"), dict)
-                 or not (j.result or {})["report"].get("confusion_matrix")]
+    no_report = [j.id for j in jobs if _report(j) is None]
     if no_report:
         raise Conflict(f"job(s) {', '.join(map(str, no_report))} have no evaluation report to compare: "
                        "train them again or leave them out", {"no_report": no_report})
@@ -279,20 +290,20 @@ def compare(session: Session, user: User, raw_ids: str | Iterable[str] | None,
             resamples: int = RESAMPLES, seed: int = SEED) -> dict:
     """Everything the comparison page and GET /api/v1/jobs/compare show; the first job is the baseline."""
     jobs = load_jobs(session, user, parse_ids(raw_ids))
-    reports = [j.result["report"] for j in jobs]
+    summaries = [RunSummary.from_stored(j.result) or RunSummary(status=j.status) for j in jobs]
+    reports = [r for r in (_report(j) for j in jobs) if r is not None]
     curves = _curves(session, [j.id for j in jobs])
-    out_jobs = []
-    for j, rep in zip(jobs, reports):
+    out_jobs: list[dict[str, Any]] = []
+    for j, rep, res in zip(jobs, reports, summaries):
         k, n, right = _outcomes(rep)
         lo, hi = accuracy_interval(k, n, resamples, seed)
-        res = j.result or {}
         out_jobs.append({
             "id": j.id, "status": j.status, "created_at": _utc(j.created_at), "finished_at": _utc(j.finished_at),
             "spec": j.spec,
             "metrics": {"val_acc": k / n if n else 0.0, "val_acc_low": lo, "val_acc_high": hi, "val_images": n,
-                        "val_right": k, "macro_f1": rep.get("macro_f1"), "val_loss": res.get("val_loss"),
-                        "best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run"),
-                        "seconds": res.get("seconds"), "device": res.get("device"),
+                        "val_right": k, "macro_f1": rep.get("macro_f1"), "val_loss": _given(res, "val_loss"),
+                        "best_epoch": _given(res, "best_epoch"), "epochs_run": _given(res, "epochs_run"),
+                        "seconds": _given(res, "seconds"), "device": _given(res, "device"),
                         "top_k": rep.get("top_k") or {}},
             "per_image": right is not None, "val_set": rep.get("val_set") if right is not None else None,
             "curves": curves[j.id],

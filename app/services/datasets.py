@@ -14,14 +14,15 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.errors import AppError, BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from app.core.settings import Settings
-from app.db.models import FINAL_STATUSES, MAX_ID, Dataset, Job, User
+from app.db.models import FINAL_STATUSES, Dataset, Job, JobKind, User
+from app.services import access
 from app.services.doctor import Problem, examine, examples, plural, refuse
 
 CHUNK = 1 << 20
@@ -35,7 +36,7 @@ class _ZipSource:
     """An entry being read: its decompression errors are the archive's fault (a corrupt zip), unlike the
     OSErrors of writing it out."""
 
-    def __init__(self, f: BinaryIO):
+    def __init__(self, f: IO[bytes]):
         self.f = f
 
     def read(self, n: int) -> bytes:
@@ -45,7 +46,7 @@ class _ZipSource:
             raise zipfile.BadZipFile(str(e) or e.__class__.__name__) from None
 
 
-def _copy_limited(src: BinaryIO, dst: Path, limit: int) -> int:
+def _copy_limited(src: BinaryIO | _ZipSource, dst: Path, limit: int) -> int:
     n = 0
     with open(dst, "wb") as f:
         while chunk := src.read(CHUNK):
@@ -69,7 +70,7 @@ def _extracted_too_large(limit: int) -> AppError:
     return BadRequest(p.text, details=[p.as_dict()])
 
 
-def _write_entry(target: Path, src: BinaryIO, limit: int) -> int:
+def _write_entry(target: Path, src: BinaryIO | _ZipSource, limit: int) -> int:
     """One file of an upload. Raises _TooLarge past `limit`; OSError for a path the file system cannot hold."""
     target.parent.mkdir(parents=True, exist_ok=True)
     return _copy_limited(src, target, limit)
@@ -304,8 +305,8 @@ def create_from_files(session: Session, settings: Settings, user: User, name: st
 
 
 def get_owned(session: Session, user: User, dataset_id: int) -> Dataset:
-    ds = session.get(Dataset, dataset_id) if 1 <= dataset_id <= MAX_ID else None
-    if ds is None or ds.owner_id != user.id:
+    ds = access.get_visible(session, Dataset, user, dataset_id)
+    if ds is None:
         raise NotFound(f"dataset {dataset_id} not found: list yours with GET /api/v1/datasets")
     return ds
 
@@ -318,7 +319,7 @@ def delete(session: Session, settings: Settings, user: User, dataset_id: int) ->
                                                                       Job.status.not_in(FINAL_STATUSES)))
     if active:
         raise Conflict(f"dataset {ds.id} is used by {active} queued or running job(s): cancel them first")
-    used = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == ds.id, Job.kind != "probe"))
+    used = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == ds.id, Job.kind != JobKind.probe.value))
     if used:
         raise Conflict(f"dataset {ds.id} has {used} job(s) whose models came from it: delete those jobs first")
     for probe in session.scalars(select(Job).where(Job.dataset_id == ds.id)):  # backbone comparisons: no model

@@ -9,9 +9,9 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
 from app.core.settings import Settings, get_settings
-from app.db.models import FINAL_STATUSES, MAX_ID, Artifact, Job, JobStatus, User
+from app.db.models import FINAL_STATUSES, Artifact, Job, JobStatus, User
+from app.services import access, lifecycle
 from app.services import datasets as dataset_service
-from app.services import lifecycle
 from app.services.queue import enqueue_job
 from domain.catalog import CATALOG
 from domain.spec import RunSpec
@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def get_owned(session: Session, user: User, job_id: int) -> Job:
-    job = session.get(Job, job_id) if 1 <= job_id <= MAX_ID else None
-    if job is None or job.owner_id != user.id:
+    job = access.get_visible(session, Job, user, job_id)
+    if job is None:
         raise NotFound(f"job {job_id} not found: list yours with GET /api/v1/jobs")
     return job
 

@@ -11,15 +11,16 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, Unprocessable
 from app.core.settings import Settings
-from app.db.models import FINAL_STATUSES, Dataset, Job, JobStatus, User
+from app.db.models import FINAL_STATUSES, Dataset, Job, JobKind, JobStatus, User
+from app.services import access, lifecycle
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
-from app.services import lifecycle
 from domain.advice import Advice, recommend_strategy
 from domain.catalog import CATALOG
+from domain.results import DomainGap, ProbeResult, ProbeRow
 from domain.spec import ProbeSpec
 
-PROBE = "probe"
+PROBE = JobKind.probe.value
 
 
 def available_backbones() -> list[str]:
@@ -30,7 +31,7 @@ def start(session: Session, settings: Settings, user: User, dataset_id: int, spe
     """Queue a probe of the dataset. The backbones are resolved now (default: every one whose pretrained
     weights are on this server), so that the job's record says what it compared."""
     ds = dataset_service.get_owned(session, user, dataset_id)
-    running = session.scalar(select(Job.id).where(Job.dataset_id == ds.id, Job.owner_id == user.id,
+    running = session.scalar(select(Job.id).where(Job.dataset_id == ds.id, access.visible_to(Job, user),
                                                   Job.kind == PROBE, Job.status.not_in(FINAL_STATUSES)))
     if running is not None:
         raise Conflict(f"a backbone comparison of dataset {ds.id} is already under way (job {running}): wait for "
@@ -64,34 +65,39 @@ def start(session: Session, settings: Settings, user: User, dataset_id: int, spe
 
 def latest(session: Session, user: User, ds: Dataset) -> tuple[Job | None, Job | None]:
     """(the dataset's newest probe of any status, its newest succeeded probe)."""
-    q = select(Job).where(Job.dataset_id == ds.id, Job.owner_id == user.id, Job.kind == PROBE)
+    q = select(Job).where(Job.dataset_id == ds.id, access.visible_to(Job, user), Job.kind == PROBE)
     newest = session.scalars(q.order_by(Job.id.desc()).limit(1)).first()
     done = newest if newest is not None and newest.status == JobStatus.succeeded.value else \
         session.scalars(q.where(Job.status == JobStatus.succeeded.value).order_by(Job.id.desc()).limit(1)).first()
     return newest, done
 
 
-def leaderboard(job: Job | None) -> list[dict]:
-    rows = (job.result or {}).get("rows") if job is not None else None
-    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+def stored(job: Job | None) -> ProbeResult | None:
+    """The probe job's stored result, typed (None: no job, no result yet, or an unreadable old one)."""
+    return ProbeResult.from_stored(job.result) if job is not None else None
 
 
-def measured(job: Job | None) -> dict | None:
-    m = (job.result or {}).get("measured") if job is not None else None
-    return m if isinstance(m, dict) else None
+def leaderboard(job: Job | None) -> list[ProbeRow]:
+    result = stored(job)
+    return result.rows if result is not None else []
+
+
+def measured(job: Job | None) -> DomainGap | None:
+    result = stored(job)
+    return result.measured if result is not None else None
 
 
 def advice(ds: Dataset, done: Job | None) -> Advice:
     """The strategy advice for the dataset: measured when a probe with the advisor has succeeded, else by size."""
-    return recommend_strategy(ds.counts or {}, measured(done))
+    m = measured(done)
+    return recommend_strategy(ds.counts or {}, m.to_json() if m is not None else None)
 
 
 def best_backbone(done: Job | None) -> str | None:
     """The top pretrained backbone of the leaderboard whose weights are (still) available, if any."""
     for r in leaderboard(done):
-        if r.get("error") is None and r.get("pretrained") and r.get("backbone") in CATALOG \
-                and CATALOG[r["backbone"]].weights_available():
-            return r["backbone"]
+        if r.error is None and r.pretrained and r.backbone in CATALOG and CATALOG[r.backbone].weights_available():
+            return r.backbone
     return None
 
 
@@ -107,14 +113,14 @@ def view(session: Session, user: User, dataset_id: int) -> dict:
     """What GET /api/v1/datasets/{id}/probe answers: the newest probe, the newest leaderboard and the advice."""
     ds = dataset_service.get_owned(session, user, dataset_id)
     newest, done = latest(session, user, ds)
-    result = (done.result or {}) if done is not None else {}
+    result = stored(done)
     return {
         "dataset_id": ds.id,
         "job": job_summary(newest),
         "result_job_id": done.id if done is not None else None,
         "leaderboard": leaderboard(done),
         "measured": measured(done),
-        "seconds": result.get("seconds"),
-        "device": result.get("device"),
+        "seconds": result.seconds if result is not None and "seconds" in result.model_fields_set else None,
+        "device": result.device if result is not None and "device" in result.model_fields_set else None,
         "advice": advice(ds, done).to_dict(),
     }

@@ -103,7 +103,7 @@ def _thumbnail(folder: Path, path: Path, cached: Path) -> bytes:
         img = load_image(path, min_short_side=THUMB_MAX)
     except ImageError:
         return _placeholder()
-    img.thumbnail((THUMB_MAX, THUMB_MAX), Image.BICUBIC)
+    img.thumbnail((THUMB_MAX, THUMB_MAX), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=82, optimize=True)
     data = buf.getvalue()

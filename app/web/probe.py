@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from app.db.models import FINAL_STATUSES, Dataset, Job, User
+from app.db.models import FINAL_STATUSES, Dataset, Job, JobStatus, User
 from app.services import probe as probe_service
 from app.web.render import render
 from domain.advice import STRATEGIES
@@ -29,10 +29,10 @@ def dataset_context(session: Session, user: User, ds: Dataset) -> dict:
 def job_page(request: Request, job: Job, user: User):
     """The page of a probe job: its progress while it runs, then its leaderboard and the advice."""
     ds = job.dataset
-    result = job.result or {}
-    done = job if job.status == "succeeded" else None
+    result = probe_service.stored(job)
+    done = job if job.status == JobStatus.succeeded.value else None
     return render(request, "probe_job.html", {
-        "nav": "job", "job": job, "ds": ds, "result": result, "final": job.status in FINAL_STATUSES,
+        "nav": "job", "job": job, "ds": ds, "result": result if result is not None else {}, "final": job.status in FINAL_STATUSES,
         "leaderboard": probe_service.leaderboard(job), "measured": probe_service.measured(job),
         "advice": probe_service.advice(ds, done) if done is not None else None, "strategies": STRATEGIES,
         "page_data": {"id": job.id, "dataset_id": ds.id, "status": job.status, "final": job.status in FINAL_STATUSES},

@@ -3,17 +3,22 @@ sign-in, error and not-found pages. Every page module renders through here."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
 
 from app.api.deps import SESSION_COOKIE, SessionDep, csrf_token_for
+from app.core.errors import NotFound
 from app.db.models import FINAL_STATUSES, User
 from app.services import auth
+from domain.clock import as_utc
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 templates = Jinja2Templates(directory=ROOT / "templates")
 
@@ -25,8 +30,7 @@ STAGES = {"decode": "Decoding images", "features": "Computing features", "probe"
 # ---------------------------------------------------------------- template helpers
 
 
-def _aware(t: dt.datetime | None) -> dt.datetime | None:
-    return t.replace(tzinfo=dt.UTC) if t is not None and t.tzinfo is None else t
+_aware = as_utc
 
 
 def _when(t: dt.datetime | None) -> str:
@@ -89,6 +93,36 @@ def page_user(request: Request, session: SessionDep) -> User | None:
 
 
 PageUser = Annotated[User | None, Depends(page_user)]
+
+
+class SignInRequired(Exception):
+    """A page for signed-in users was asked for without a session: create_app answers the sign-in page
+    (401), so that each page states its need once (`user: SignedIn`) instead of checking."""
+
+
+def require_user(user: PageUser) -> User:
+    if user is None:
+        raise SignInRequired()
+    return user
+
+
+SignedIn = Annotated[User, Depends(require_user)]
+
+
+def page_id(value: str) -> int | None:
+    """A page URL's numeric id, or None (pages answer their own 404 page instead of a validation error)."""
+    return int(value) if value.isdigit() and len(value) < 12 else None
+
+
+def page_object(get_owned: Callable[[Session, User, int], T], session: Session, user: User, raw_id: str) -> T | None:
+    """The user's object for a page URL id, or None (bad id, no such object, or someone else's)."""
+    oid = page_id(raw_id)
+    if oid is None:
+        return None
+    try:
+        return get_owned(session, user, oid)
+    except NotFound:
+        return None
 
 
 def render(request: Request, name: str, context: dict[str, Any] | None = None, status_code: int = 200,

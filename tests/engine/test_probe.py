@@ -18,6 +18,7 @@ from support.recorder import Recorder  # the engine callbacks a run made, record
 
 from domain.advice import recommend_strategy
 from domain.errors import UnknownBackbone, WeightsUnavailable
+from domain.results import ProbeRow
 from domain.spec import ProbeSpec, RunSpec
 from worker.engine.probe import fit_linear_probe, measure_domain_gap, probe, rank
 from worker.engine.runner import run
@@ -55,7 +56,8 @@ def test_rank_orders_by_accuracy_then_loss_and_puts_failures_last():
             {"backbone": "b", "error": "no weights"},
             {"backbone": "c", "val_acc": 0.9, "val_loss": 0.6, "seconds": 9, "error": None},
             {"backbone": "d", "val_acc": 0.9, "val_loss": 0.4, "seconds": 9, "error": None}]
-    assert [(r["backbone"], r["rank"]) for r in rank(rows)] == [("d", 1), ("c", 2), ("a", 3), ("b", None)]
+    ranked = rank([ProbeRow.model_validate(r) for r in rows])
+    assert [(r.backbone, r.rank) for r in ranked] == [("d", 1), ("c", 2), ("a", 3), ("b", None)]
 
 
 # ---------------------------------------------------------------- the leaderboard on real images
@@ -70,14 +72,14 @@ def test_pretrained_ranks_above_random_init_and_the_cache_is_reused(hymenoptera_
     assert first.status == "completed" and first.classes == ["ants", "bees"]
     assert rec.started["counts"] == {"train": {"ants": 16, "bees": 16}, "val": {"ants": 10, "bees": 10}}
     best, rnd = first.rows
-    assert (best["backbone"], best["pretrained"], best["rank"]) == (LITE0, True, 1)
-    assert (rnd["pretrained"], rnd["rank"]) == (False, 2)
-    assert best["val_acc"] > rnd["val_acc"] and best["val_acc"] >= 0.7, first.rows  # 0.80 vs 0.45 here
+    assert (best.backbone, best.pretrained, best.rank) == (LITE0, True, 1)
+    assert (rnd.pretrained, rnd.rank) == (False, 2)
+    assert best.val_acc > rnd.val_acc and best.val_acc >= 0.7, first.rows  # 0.80 vs 0.45 here
     for r in first.rows:
-        assert not r["cached"] and r["error"] is None and r["images_per_s"] > 0
-        assert r["seconds"] >= r["feature_seconds"] > 0 and r["params"] > 3_000_000 and r["size_mb"] > 10
-        assert r["image_size"] == SIZE and r["train_images"] == 32 and r["val_images"] == 20
-    assert best["weights"].startswith("efficientnet-lite0") and rnd["weights"] == "random-init-seed0"
+        assert not r.cached and r.error is None and r.images_per_s > 0
+        assert r.seconds >= r.feature_seconds > 0 and r.params > 3_000_000 and r.size_mb > 10
+        assert r.image_size == SIZE and r.train_images == 32 and r.val_images == 20
+    assert best.weights.startswith("efficientnet-lite0") and rnd.weights == "random-init-seed0"
     # the progress bar only moves forward and ends at the end
     fractions = [p.fraction for p in rec.progress]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
@@ -88,11 +90,11 @@ def test_pretrained_ranks_above_random_init_and_the_cache_is_reused(hymenoptera_
     # again: every feature from the cache (nothing decoded), the same numbers, faster
     rec2 = Recorder()
     second = probe(hymenoptera_slice, spec, cache, rec2, targets=targets)
-    assert [r["cached"] for r in second.rows] == [True, True]
+    assert [r.cached for r in second.rows] == [True, True]
     key = ("backbone", "pretrained", "rank", "val_acc", "val_loss", "l2", "cv_acc", "params", "size_mb")
-    assert [{k: r[k] for k in key} for r in second.rows] == [{k: r[k] for k in key} for r in first.rows]
+    assert [r.model_dump(include=set(key)) for r in second.rows] == [r.model_dump(include=set(key)) for r in first.rows]
     for a, b in zip(first.rows, second.rows):
-        assert b["feature_seconds"] < a["feature_seconds"] / 5, (a, b)
+        assert b.feature_seconds < a.feature_seconds / 5, (a, b)
     assert second.seconds < first.seconds, (first.seconds, second.seconds)
     assert "decode" not in {p.stage for p in rec2.progress}
     assert {f: f.stat().st_mtime_ns for f in (cache / "features").glob("*.pt")} == files
@@ -131,15 +133,15 @@ def test_a_probe_stops_when_asked(tiny_slice, tmp_path):
 def test_the_domain_gap_measurement_feeds_the_advice(tiny_slice, tmp_path):
     rec = Recorder()
     m = measure_domain_gap(tiny_slice, LITE0, tmp_path / "cache", rec, image_size=64, epochs=1)
-    assert m["backbone"] == LITE0 and m["image_size"] == 64 and m["epochs"] == 1
-    assert m["train_images"] == 12 and m["val_images"] == 6
-    assert 0 <= m["probe_acc"] <= 1 and 0 <= m["finetune_acc"] <= 1
-    assert m["gain"] == pytest.approx(m["finetune_acc"] - m["probe_acc"], abs=1e-6) and m["stderr"] >= 0
-    assert m["finetuned"] == "stage7"  # the last layer group of EfficientNet-Lite0
+    assert m.backbone == LITE0 and m.image_size == 64 and m.epochs == 1
+    assert m.train_images == 12 and m.val_images == 6
+    assert 0 <= m.probe_acc <= 1 and 0 <= m.finetune_acc <= 1
+    assert m.gain == pytest.approx(m.finetune_acc - m.probe_acc, abs=1e-6) and m.stderr >= 0
+    assert m.finetuned == "stage7"  # the last layer group of EfficientNet-Lite0
     assert {p.stage for p in rec.progress} >= {"train", "val"}
-    a = recommend_strategy({"train": {"ants": 6, "bees": 6}}, m)
+    a = recommend_strategy({"train": {"ants": 6, "bees": 6}}, m.to_json())
     assert a.source == "measured" and a.strategy in ("features", "finetune_last:2")
-    assert f"{100 * m['probe_acc']:.0f}%" in a.reason
+    assert f"{100 * m.probe_acc:.0f}%" in a.reason
 
 
 def test_cli_probe_json_with_advice(tiny_slice, tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from domain.errors import ImageError
+from domain.exports import AFTER_TRAINING
 
 from .backbones import Preprocessing
 from .data import decode_for, eval_transform, normalize
@@ -153,7 +154,7 @@ def onnx_parity(onnx_path: Path, model, images: torch.Tensor, batch_size: int = 
 
 
 def export_all(model_file: str | Path, out_dir: str | Path, check_paths: Sequence[Path],
-               formats: Sequence[str] = ("torchscript", "onnx")) -> list[ExportResult]:
+               formats: Sequence[str] = AFTER_TRAINING) -> list[ExportResult]:
     """Write model_card.json and the requested formats next to each other in `out_dir`."""
     out_dir = Path(out_dir)
     model, meta = load_model(model_file)

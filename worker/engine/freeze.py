@@ -98,7 +98,7 @@ def plan(strategy: str, groups: Sequence[str], epochs: int, head_epochs: int | N
 
 
 def _params(items) -> list[nn.Parameter]:
-    out = []
+    out: list[nn.Parameter] = []
     for it in items:
         out.extend([it] if isinstance(it, nn.Parameter) else it.parameters())
     return out

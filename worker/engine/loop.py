@@ -34,7 +34,7 @@ def train_epoch_on_features(head, feats: torch.Tensor, labels: list[int], opt, s
     head.train()
     perm = torch.randperm(len(y_all))
     n_batches = math.ceil(len(perm) / batch_size)
-    loss_sum = correct = seen = 0
+    loss_sum, correct, seen = 0.0, 0, 0
     t = time.perf_counter()
     for b in range(n_batches):
         sel = perm[b * batch_size:(b + 1) * batch_size]
@@ -57,7 +57,7 @@ def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, a
     """One optimizer step per batch of the loader; each batch goes through the model in micro-batches of
     `micro` images whose gradients add up to the whole batch's. The caller sets the train/eval modes.
     Returns (mean loss, accuracy, images seen, seconds)."""
-    loss_sum = correct = seen = 0
+    loss_sum, correct, seen = 0.0, 0, 0
     t = time.perf_counter()
     for b, (x_all, y_all) in enumerate(loader):
         n = len(y_all)

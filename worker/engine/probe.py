@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import random
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +28,11 @@ from domain.callbacks import BatchProgress, CallbackList, Callbacks
 from domain.catalog import CATALOG
 from domain.errors import DataError, GraftError, RunStopped, SpecError, WeightsUnavailable
 from domain.layout import discover
+from domain.results import DomainGap, ProbeResult, ProbeRow
 from domain.spec import ProbeSpec, RunSpec
 
 from .backbones import get_info, weights_available
-from .data import train_transform
+from .schedules import phase_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ class _Window(Callbacks):
     def __init__(self, cb: Callbacks, t0: float):
         self.cb, self.t0 = cb, t0
         self.lo, self.hi, self.last = 0.0, 1.0, 0.0
-        self.spans, self.stage = self.SPANS, None
+        self.spans: dict = self.SPANS
+        self.stage: str | None = None
 
     def window(self, lo: float, hi: float, spans: dict | None = None, stage: str | None = None) -> None:
         self.lo, self.hi, self.spans, self.stage = lo, hi, spans or self.SPANS, stage
@@ -225,13 +227,13 @@ def _runner(spec: RunSpec, data_dir: Path, cb: Callbacks, cache_dir, device, max
 
     from .runner import Runner
 
-    # nothing is written under out_dir: only run() writes there
-    return Runner(spec, data_dir, Path(tempfile.gettempdir()) / "graft-probe-unused", cb, cache_dir=cache_dir,
-                  device=device, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    # no output folder: a probe writes nothing but feature-cache entries
+    return Runner(spec, data_dir, None, cb, cache_dir=cache_dir, device=device,
+                  max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
 
 
 def probe_backbone(data_dir: Path, backbone: str, pretrained: bool, spec: ProbeSpec, cb: Callbacks,
-                   cache_dir=None, device: str | None = None, max_pixels: int | None = None) -> dict:
+                   cache_dir=None, device: str | None = None, max_pixels: int | None = None) -> ProbeRow:
     """One leaderboard row: features (from the cache when there), linear probe, val accuracy and loss."""
     from .progress import Progress as _Progress
 
@@ -243,7 +245,7 @@ def probe_backbone(data_dir: Path, backbone: str, pretrained: bool, spec: ProbeS
                  batch_size=spec.batch_size, seed=spec.seed)
     r = _runner(rs, data_dir, cb, cache_dir, device, max_pixels)
     try:
-        r._prepare()
+        r.prepare()
         progress = _Progress(r.cb, t0, 0)
         tf = time.perf_counter()
         r.compute_features(progress)
@@ -260,7 +262,7 @@ def probe_backbone(data_dir: Path, backbone: str, pretrained: bool, spec: ProbeS
         val_loss = F.cross_entropy(logits, yv).item()
         progress("probe", 0, 1, 1, tp)
         params, size_mb = _model_size(r.model)
-        return {
+        return ProbeRow.model_validate({
             "backbone": backbone, "pretrained": pretrained, "val_acc": val_acc, "val_loss": round(val_loss, 6),
             "seconds": round(time.perf_counter() - t0, 3), "feature_seconds": round(feature_seconds, 3),
             "fit_seconds": round(time.perf_counter() - tp, 3),
@@ -269,7 +271,7 @@ def probe_backbone(data_dir: Path, backbone: str, pretrained: bool, spec: ProbeS
             "feature_dim": r.model.num_features, "cached": bool(r.features_from_cache),
             "l2": lp.l2, "cv_acc": lp.cv_acc, "train_images": len(r.train_labels), "val_images": len(r.val_labels),
             "skipped": list(r.skipped), "error": None,
-        }
+        })
     finally:
         del r
         gc.collect()
@@ -294,7 +296,7 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
                        train_per_class: int = ADVISE_TRAIN_PER_CLASS, val_per_class: int = ADVISE_VAL_PER_CLASS,
                        image_size: int | None = ADVISE_IMAGE_SIZE, epochs: int = ADVISE_EPOCHS,
                        lr: float = ADVISE_LR, seed: int = 0, val_fraction: float = 0.2,
-                       device: str | None = None, max_pixels: int | None = None) -> dict:
+                       device: str | None = None, max_pixels: int | None = None) -> DomainGap:
     """How much adjusting the last layer group gains over a linear classifier on the frozen features, on a
     sample (up to `train_per_class` / `val_per_class` images per class, at `image_size`): the linear probe is
     fitted first, the fine-tune (finetune_last:1, `epochs` epochs) starts from it, and both are scored on the
@@ -312,13 +314,11 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
                  patience=None)
     r = _runner(rs, Path(data_dir), cb, cache_dir, device, max_pixels)
     try:
-        r._prepare()
-        r.epoch_times = {}
+        r.prepare()
         k = max(1, len(r.classes))
         r.split.train = _cap_per_class(r.split.train, max(1, min(train_per_class, ADVISE_MAX_TRAIN // k)), seed)
         r.split.val = _cap_per_class(r.split.val, max(1, min(val_per_class, ADVISE_MAX_VAL // k)), seed)
         progress = _Progress(r.cb, t0, epochs)
-        r.use_feature_cache = True
         r.compute_features(progress, need_images=True)
         lp = fit_linear_probe(torch.cat(r.train_feats), torch.tensor(r.train_labels), len(r.classes), seed=seed)
         yv = torch.tensor(r.val_labels)
@@ -330,33 +330,24 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
             linear.bias.copy_(lp.bias.to(linear.bias.device))
         top = list(model.groups())[-1]
         phase = r.phases[0]
-        opt = r._optimizer(phase)  # the last group and the head train, everything else is frozen
-        loader = r._loader(r.train_idx, r.train_labels, train_transform("light", r.pre.image_size), shuffle=True)
-        tt = time.perf_counter()
-        steps = epochs * len(loader)
+        opt = r.optimizer(phase)  # the last group and the head train, everything else is frozen
+        steps = math.ceil(len(r.train_idx) / rs.batch_size)
+        sched = phase_scheduler(opt, "constant", epochs, 0, steps)
         for epoch in range(1, epochs + 1):
-            # eval mode: batch norm keeps its pretrained statistics (a few small batches would only blur them)
-            model.eval()
-            for b, (x, y) in enumerate(loader):
-                loss = F.cross_entropy(model(r._inputs(x)), y.to(r.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step = (epoch - 1) * len(loader) + b + 1
-                left = (time.perf_counter() - tt) / step * (steps - step)  # then one short val pass
-                now = time.perf_counter()
-                progress("train", epoch, b + 1, len(loader), now, left)
-        ft_right = r._predict_val(False, epochs, progress).argmax(1) == yv
+            # the trainer's epoch (autocast, the out-of-memory retry), all layers in eval mode: batch norm keeps
+            # its pretrained statistics (a few small batches would only blur them); one val pass at the end
+            r.train_epoch_on_images(phase, opt, sched, None, epoch, progress, validate=False, keep_eval=True)
+        ft_right = r.predict_val(False, epochs, progress).argmax(1) == yv
         n = len(yv)
         only_probe = int((probe_right & ~ft_right).sum())
         only_ft = int((ft_right & ~probe_right).sum())
         probe_acc, ft_acc = probe_right.float().mean().item(), ft_right.float().mean().item()
-        return {
+        return DomainGap.model_validate({
             "backbone": backbone, "probe_acc": probe_acc, "finetune_acc": ft_acc,
             "gain": round(ft_acc - probe_acc, 6), "stderr": round(paired_stderr(n, only_probe, only_ft), 6),
             "val_images": n, "train_images": len(r.train_labels), "image_size": r.pre.image_size,
             "epochs": epochs, "finetuned": top, "seconds": round(time.perf_counter() - t0, 3),
-        }
+        })
     finally:
         del r
         gc.collect()
@@ -365,31 +356,12 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
 # ---------------------------------------------------------------- the whole probe
 
 
-@dataclass
-class ProbeResult:
-    status: str  # "completed" or "stopped"
-    classes: list[str]
-    counts: dict
-    layout: str
-    rows: list[dict] = field(default_factory=list)  # ranked: best val accuracy first, failed backbones last
-    measured: dict | None = None  # the advisor's measurement (measure_domain_gap), when asked for
-    seconds: float = 0.0
-    device: str = "cpu"
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def rank(rows: list[dict]) -> list[dict]:
+def rank(rows: list[ProbeRow]) -> list[ProbeRow]:
     """Best val accuracy first (ties: lower val loss, then faster); rows with an error last."""
-    ok = sorted((r for r in rows if r.get("error") is None),
-                key=lambda r: (-r["val_acc"], r["val_loss"], r["seconds"]))
-    bad = [r for r in rows if r.get("error") is not None]
-    out = []
-    for i, r in enumerate(ok + bad, 1):
-        out.append({**r, "rank": i if r.get("error") is None else None})
-    return out
+    ok = sorted((r for r in rows if r.error is None),
+                key=lambda r: (-(r.val_acc or 0.0), r.val_loss or 0.0, r.seconds or 0.0))
+    bad = [r for r in rows if r.error is not None]
+    return [r.model_copy(update={"rank": i if r.error is None else None}) for i, r in enumerate(ok + bad, 1)]
 
 
 def _available(name: str) -> bool:
@@ -439,11 +411,11 @@ def probe(data_dir: str | Path, spec: ProbeSpec | None = None, cache_dir: str | 
                  "phases": ["probe"], "epochs": 0, "warnings": split.warnings})
     for w in split.warnings:
         cb.on_message(w)
-    result = ProbeResult("completed", split.classes, split.counts(), split.layout, device=dev,
-                         warnings=list(split.warnings))
+    result = ProbeResult(status="completed", classes=split.classes, counts=split.counts(), layout=split.layout,
+                         device=dev, warnings=list(split.warnings))
     window = _Window(cb, t0)
     share = 0.75 if spec.advise else 1.0
-    rows: list[dict] = []
+    rows: list[ProbeRow] = []
     try:
         for i, (name, pretrained) in enumerate(targets):
             label = name if pretrained else f"{name} (random init)"
@@ -454,30 +426,31 @@ def probe(data_dir: str | Path, spec: ProbeSpec | None = None, cache_dir: str | 
             except RunStopped:
                 raise
             except (WeightsUnavailable, SpecError) as e:
-                row = {"backbone": name, "pretrained": pretrained, "error": str(e)}
+                row = ProbeRow(backbone=name, pretrained=pretrained, error=str(e))
             except DataError:
                 raise
             except (RuntimeError, GraftError) as e:  # out of memory, an architecture that fails on this size
                 log.exception("probing %s failed", label)
-                row = {"backbone": name, "pretrained": pretrained, "error": f"{type(e).__name__}: {e}"[:500]}
+                row = ProbeRow(backbone=name, pretrained=pretrained, error=f"{type(e).__name__}: {e}"[:500])
             rows.append(row)
-            if row.get("error"):
-                cb.on_message(f"{label}: failed: {row['error']}")
+            if row.error:
+                cb.on_message(f"{label}: failed: {row.error}")
             else:
-                cb.on_message(f"{label}: {100 * row['val_acc']:.1f}% val accuracy in {row['seconds']:.1f} s"
-                              + (" (features from the cache)" if row["cached"] else ""))
+                cb.on_message(f"{label}: {100 * (row.val_acc or 0):.1f}% val accuracy in {row.seconds or 0:.1f} s"
+                              + (" (features from the cache)" if row.cached else ""))
         result.rows = rank(rows)
-        good = [r for r in result.rows if r.get("error") is None and r["pretrained"]]
+        good = [r for r in result.rows if r.error is None and r.pretrained]
         if spec.advise and good:
-            best = good[0]["val_acc"]
-            pick = min((r for r in good if r["val_acc"] >= best - ADVISE_NEAR_BEST), key=lambda r: r["params"])
+            best = good[0].val_acc or 0.0
+            pick = min((r for r in good if (r.val_acc or 0.0) >= best - ADVISE_NEAR_BEST),
+                       key=lambda r: r.params or 0)
             window.window(share, 1.0, {"decode": (0.0, 0.25), "features": (0.25, 0.4), "train": (0.4, 0.95),
                                        "val": (0.95, 1.0)}, stage="advise")
-            cb.on_message(f"measuring how far the images are from ImageNet with {pick['backbone']}: a short "
+            cb.on_message(f"measuring how far the images are from ImageNet with {pick.backbone}: a short "
                           "fine-tune of its last block on a sample")
             try:
                 m = measure_domain_gap(
-                    data_dir, pick["backbone"], cache_dir, window, seed=spec.seed, val_fraction=spec.val_fraction,
+                    data_dir, pick.backbone, cache_dir, window, seed=spec.seed, val_fraction=spec.val_fraction,
                     image_size=min(ADVISE_IMAGE_SIZE, spec.image_size or ADVISE_IMAGE_SIZE), device=device,
                     max_pixels=max_pixels)
             except (RunStopped, DataError):
@@ -488,9 +461,8 @@ def probe(data_dir: str | Path, spec: ProbeSpec | None = None, cache_dir: str | 
                               f"{str(e)[:300]}): the strategy advice rests on the data size alone")
             else:
                 result.measured = m
-                cb.on_message(f"linear probe {100 * m['probe_acc']:.1f}%, last block fine-tuned "
-                              f"{100 * m['finetune_acc']:.1f}% on {m['val_images']} val images "
-                              f"({m['seconds']:.1f} s)")
+                cb.on_message(f"linear probe {100 * m.probe_acc:.1f}%, last block fine-tuned "
+                              f"{100 * m.finetune_acc:.1f}% on {m.val_images} val images ({m.seconds:.1f} s)")
         elif spec.advise:
             cb.on_message("no pretrained backbone could be probed: the strategy advice rests on the data size alone")
     except RunStopped:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from domain.callbacks import BatchProgress, Callbacks
 from domain.errors import RunStopped
@@ -40,8 +40,10 @@ class Progress:
 
 
 class _Phase(Protocol):
-    epochs: int
-    backbone_frozen: bool
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def backbone_frozen(self) -> bool: ...
 
 
 FROZEN_EPOCH_S = 0.05  # an epoch of the head on cached features: too short to matter in an ETA
@@ -55,7 +57,10 @@ def eta_after_features(phases: Sequence[_Phase], done: int, stage_t0: float, n_t
                for p in phases)
 
 
-def eta_after_epoch(phases: Sequence[_Phase], epoch: int, estimate: Callable[[_Phase], float]) -> float:
+P = TypeVar("P", bound=_Phase)
+
+
+def eta_after_epoch(phases: Sequence[P], epoch: int, estimate: Callable[[P], float]) -> float:
     """Estimated seconds for the epochs after `epoch` (counted across phases)."""
     left, e = 0.0, 0
     for phase in phases:

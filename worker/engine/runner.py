@@ -36,7 +36,7 @@ from .checkpoint import (
 )
 from .data import DataSplit, ImageStore, discover, eval_transform, image_loader, normalize, subsample, train_transform
 from .device import amp_dtype_for, autocast, pick_device, rng_state, seed_everything, set_cpu_threads, set_rng_state
-from .features import FeatureCache
+from .features import FeatureCache, FeatureExtractor
 from .loop import micro_batch, predict, retry_on_oom, train_epoch_on_features, train_epoch_on_images
 from .modelfile import save_model_file
 from .progress import Progress as _Progress
@@ -50,26 +50,45 @@ __all__ = ["CHECKPOINT_VERSION", "RunResult", "Runner", "pick_device", "run", "s
 
 
 class Runner:
-    def __init__(self, spec: RunSpec, data_dir: str | Path, out_dir: str | Path,
+    """One training run. `run()` does it all; the probe composes the public steps (prepare, compute_features,
+    optimizer, train_epoch_on_images, predict_val) with no output folder (`out_dir=None`: nothing written)."""
+
+    def __init__(self, spec: RunSpec, data_dir: str | Path, out_dir: str | Path | None = None,
                  callbacks: Callbacks | None = None, resume: bool = False,
                  cache_dir: str | Path | None = None, device: str | None = None,
                  store_budget_bytes: int = 3 << 30, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.spec = spec
         self.max_pixels = max_pixels  # larger images are skipped and named (a server's GRAFT_MAX_IMAGE_PIXELS)
         self.data_dir = Path(data_dir)
-        self.out = Path(out_dir)
+        self.out = Path(out_dir) if out_dir is not None else None
         self.cb = CallbackList(callbacks)
         self.resume = resume
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.feature_cache = FeatureCache(self.cache_dir) if self.cache_dir else None
         self.device = pick_device(device)
         self.budget = store_budget_bytes
-        self.ckpt_dir = self.out / "checkpoints"
         self.accum = 1  # gradient accumulation steps per batch (raised when the GPU runs out of memory)
+        self.epoch_times: dict[str, list[float]] = {}  # seconds of each epoch so far, by mode
+        self.use_feature_cache = False  # the frozen phases train the head on cached features (set by prepare)
+        # set by compute_features / decode
+        self.store: ImageStore | None = None
+        self.items: list[tuple[Path, int]] = []
+        self.train_idx: list[int] = []  # indices into items of the readable train and val images
+        self.val_idx: list[int] = []
+        self.train_labels: list[int] = []
+        self.val_labels: list[int] = []
+        self.skipped: list[str] = []  # "file: why" of each unreadable image
+        self.cache_hits = 0  # feature sets read from the cache
+        self.train_feats: list[torch.Tensor] = []
+        self.val_feats = torch.empty(0)
+        self.feature_rate: float | None = None
+        self.features_from_cache = False
+        self.image_seconds: float | None = None
 
     # ------------------------------------------------------------ setup
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Seed, read the split, build the model (a missing-weights error before any decoding), plan phases."""
         spec = self.spec
         if self.device.type == "cpu":
             set_cpu_threads()
@@ -98,6 +117,7 @@ class Runner:
         self.phases = freeze.plan(spec.strategy, list(self.model.groups()), spec.epochs, spec.head_epochs,
                                   spec.warmup_epochs)
         self.total_epochs = sum(p.epochs for p in self.phases)
+        self.use_feature_cache = self.phases[0].backbone_frozen
 
     def _decode(self, progress: _Progress) -> None:
         items = self.split.train + self.split.val
@@ -127,6 +147,8 @@ class Runner:
     # ------------------------------------------------------------ batches
 
     def _loader(self, idx, labels, transform, shuffle: bool):
+        if self.store is None:
+            raise RuntimeError("the images are not decoded: call compute_features(need_images=True) first")
         return image_loader(self.store, idx, labels, transform, self.spec.batch_size, shuffle, self.device)
 
     def _inputs(self, x_u8: torch.Tensor) -> torch.Tensor:
@@ -134,43 +156,24 @@ class Runner:
 
     def _autocast(self):
         return autocast(self.device, self.amp_dtype)
-
     # ------------------------------------------------------------ features
 
-    def _feature_key(self, preset: str, view: int, idx: list[int]) -> str:
-        return FeatureCache.key(self.spec.backbone, self.weights, self.pre.to_dict(), preset, view, self.spec.seed,
-                                [self.items[i] for i in idx], self.split.root)
+    def _extractor(self) -> FeatureExtractor:
+        return FeatureExtractor(self.feature_cache, self.model.body, self.model.num_features, self.spec.backbone,
+                                self.weights, self.pre.to_dict(), self.spec.seed, self.split.root)
 
-    def _cached_features(self, preset: str, view: int, idx: list[int]) -> torch.Tensor | None:
-        if self.feature_cache is None:
-            return None
-        return self.feature_cache.load(self._feature_key(preset, view, idx), (len(idx), self.model.num_features))
-
-    @torch.inference_mode()
     def _extract(self, idx, labels, preset: str, view: int, progress: _Progress, stage_t0: float,
                  done_before: int, total: int) -> torch.Tensor:
-        feats = self._cached_features(preset, view, idx)
-        if feats is not None:
-            progress("features", 0, done_before + len(idx), total, stage_t0)
-            self.cache_hits += 1
-            return feats
         transform = eval_transform(self.pre.image_size) if preset == "eval" else train_transform(
             preset, self.pre.image_size)
-        body = self.model.body
-        body.eval()
-        out = []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.spec.seed * 1009 + view + 1)
-            done = done_before
-            for x, _ in self._loader(idx, labels, transform, shuffle=False):
-                with self._autocast():
-                    f = body(self._inputs(x))
-                out.append(f.float().cpu())
-                done += len(x)
-                progress("features", 0, done, total, stage_t0, self._eta_after_features(done, stage_t0))
-        feats = torch.cat(out)
-        if self.feature_cache is not None:
-            self.feature_cache.save(self._feature_key(preset, view, idx), feats)
+        feats, hit = self._extractor().get(
+            [self.items[i] for i in idx], preset, view, lambda: self._loader(idx, labels, transform, shuffle=False),
+            self._inputs, self._autocast, lambda done: progress(
+                "features", 0, done_before + done, total, stage_t0,
+                self._eta_after_features(done_before + done, stage_t0)))
+        if hit:
+            progress("features", 0, done_before + len(idx), total, stage_t0)
+            self.cache_hits += 1
         return feats
 
     def _features(self, progress: _Progress) -> None:
@@ -205,16 +208,15 @@ class Runner:
         parts = [("eval", 0, val_idx)] + [(preset, v, train_idx) for v in range(views)]
         t = time.perf_counter()
         feats = []
+        extractor = self._extractor()
         for preset_, view, idx in parts:
-            f = self._cached_features(preset_, view, idx)
+            f = extractor.cached(preset_, view, [self.items[i] for i in idx])
             if f is None:
                 return False
             feats.append(f)
         total = len(train_idx) * views + len(val_idx)
-        done = 0
-        for (_, _, idx), _f in zip(parts, feats):
-            done += len(idx)
-            progress("features", 0, done, total, t)
+        for k in range(1, len(parts) + 1):
+            progress("features", 0, sum(len(idx) for _, _, idx in parts[:k]), total, t)
         self.train_idx, self.val_idx = train_idx, val_idx
         self.train_labels = [self.items[i][1] for i in train_idx]
         self.val_labels = [self.items[i][1] for i in val_idx]
@@ -239,16 +241,13 @@ class Runner:
 
     # ------------------------------------------------------------ optimisation
 
-    def _optimizer(self, phase: freeze.Phase) -> torch.optim.Optimizer:
+    def optimizer(self, phase: freeze.Phase) -> torch.optim.Optimizer:
         groups = freeze.apply_phase(self.model, phase)
         lr = self.spec.effective_lr()
         pg = [{"params": g["params"], "lr": phase.lr_for(g["name"], lr), "name": g["name"]} for g in groups]
         if self.spec.optimizer == "sgd":
             return torch.optim.SGD(pg, lr=lr, momentum=0.9, nesterov=True, weight_decay=self.spec.weight_decay)
         return torch.optim.AdamW(pg, lr=lr, weight_decay=self.spec.weight_decay)
-
-    def _scheduler(self, opt, phase: freeze.Phase, steps_per_epoch: int):
-        return phase_scheduler(opt, self.spec.schedule, phase.epochs, phase.warmup_epochs, steps_per_epoch)
 
     def _batch_size(self, on_features: bool) -> int:
         """Training the head on cached features costs nothing per step, so small datasets get smaller
@@ -266,11 +265,12 @@ class Runner:
             self.spec.label_smoothing,
             lambda done, n, t, seen: progress("train", epoch, done, n, t, self._eta_after_epoch(epoch)))
 
-    def _micro(self) -> int:
-        return micro_batch(self.spec.batch_size, self.accum)
-
-    def _epoch_on_images(self, phase, opt, sched, scaler, epoch: int, progress: _Progress, micro: int):
-        freeze.train_mode(self.model, phase)
+    def _epoch_on_images(self, phase, opt, sched, scaler, epoch: int, progress: _Progress, micro: int,
+                         keep_eval: bool):
+        if keep_eval:
+            self.model.eval()
+        else:
+            freeze.train_mode(self.model, phase)
         loader = self._loader(self.train_idx, self.train_labels,
                               train_transform(self.spec.augment, self.pre.image_size), shuffle=True)
 
@@ -281,24 +281,28 @@ class Runner:
         return train_epoch_on_images(self.model, loader, opt, sched, scaler, self._inputs, self._autocast, micro,
                                      self.device, self.spec.label_smoothing, on_batch)
 
-    def _epoch_on_images_retrying(self, phase, opt, sched, scaler, epoch: int, progress: _Progress):
-        """Train and validate one epoch on images, rerun with half the micro-batch when out of GPU memory."""
+    def train_epoch_on_images(self, phase, opt, sched, scaler, epoch: int, progress: _Progress,
+                              validate: bool = True, keep_eval: bool = False):
+        """Train (and, with `validate`, predict the val images after) one epoch on images, rerun with half the
+        micro-batch when out of GPU memory. `keep_eval`: every layer stays in eval mode (batch norm keeps its
+        pretrained statistics, which a few small batches would only blur). Returns (train loss, train
+        accuracy, images seen, train seconds, val logits or None)."""
         def attempt(micro: int):
-            tl, ta, seen, ttrain = self._epoch_on_images(phase, opt, sched, scaler, epoch, progress, micro)
-            return tl, ta, seen, ttrain, self._predict_val(False, epoch, progress, micro)
+            tl, ta, seen, ttrain = self._epoch_on_images(phase, opt, sched, scaler, epoch, progress, micro, keep_eval)
+            return tl, ta, seen, ttrain, self.predict_val(False, epoch, progress, micro) if validate else None
 
         result, self.accum = retry_on_oom(attempt, self.model, opt, sched, scaler, self.device,
                                           self.spec.batch_size, self.accum, self.cb.on_message)
         return result
 
     @torch.inference_mode()
-    def _predict_val(self, use_features: bool, epoch: int, progress: _Progress, micro: int | None = None):
+    def predict_val(self, use_features: bool, epoch: int, progress: _Progress, micro: int | None = None):
         """Logits for every val image (float32, CPU)."""
         self.model.eval()
         if use_features:
             return self.model.head(self.val_feats.to(self.device)).float().cpu()
         loader = self._loader(self.val_idx, self.val_labels, eval_transform(self.pre.image_size), shuffle=False)
-        return predict(self.model, loader, self._inputs, self._autocast, micro or self._micro(),
+        return predict(self.model, loader, self._inputs, self._autocast, micro or micro_batch(self.spec.batch_size, self.accum),
                        lambda done, n, t: progress("val", epoch, done, n, t, self._eta_after_epoch(epoch)))
 
     def _eta_after_features(self, done: int, stage_t0: float) -> float:
@@ -309,36 +313,33 @@ class Runner:
 
     def _epoch_estimate(self, phase: freeze.Phase) -> float:
         return epoch_estimate(self.epoch_times.get(self._mode(phase)), phase.backbone_frozen, len(self.train_idx),
-                              len(self.val_idx), getattr(self, "image_seconds", None),
-                              getattr(self, "feature_rate", None))
+                              len(self.val_idx), self.image_seconds, self.feature_rate)
 
     def _mode(self, phase: freeze.Phase) -> str:
         return "features" if phase.backbone_frozen and self.use_feature_cache else "images"
 
     # ------------------------------------------------------------ checkpoints
 
-    def _state_for_ckpt(self, body_touched: bool) -> dict:
-        return model_state(self.model, body_touched)
-
-    def _load_state(self, st: dict) -> None:
-        load_model_state(self.model, st)
+    def _ckpt_path(self) -> Path:
+        if self.out is None:
+            raise ValueError("this runner has no output folder: give out_dir to train with checkpoints")
+        return self.out / "checkpoints" / "last.pt"
 
     def _save_checkpoint(self, state: CheckpointState) -> None:
-        path = self.ckpt_dir / "last.pt"
+        path = self._ckpt_path()
         save_checkpoint(state, path)
         self.cb.on_checkpoint(path, "last")
 
     def _load_checkpoint(self) -> CheckpointState | None:
-        return load_checkpoint(self.ckpt_dir / "last.pt", self.spec.model_dump(), self.classes)
+        return load_checkpoint(self._ckpt_path(), self.spec.model_dump(), self.classes)
 
     # ------------------------------------------------------------ the run
 
     def run(self) -> RunResult:
         t0 = time.perf_counter()
-        self._prepare()
-        self.epoch_times: dict[str, list[float]] = {}
+        self.prepare()
+        out = self._ckpt_path().parent.parent
         progress = _Progress(self.cb, t0, self.total_epochs)
-        self.use_feature_cache = self.phases[0].backbone_frozen
         self.cb.on_start({
             "classes": self.classes, "counts": self.split.counts(), "layout": self.split.layout,
             "device": str(self.device), "phases": [p.name for p in self.phases],
@@ -361,7 +362,7 @@ class Runner:
             else:
                 self._decode(progress)
             if ck is not None:
-                self._load_state(ck.model)
+                load_model_state(self.model, ck.model)
                 history = [EpochMetric(**h) for h in ck.history]
                 best = ck.best
                 start_phase, start_epoch_in_phase = ck.phase_index, ck.epoch_in_phase
@@ -384,13 +385,13 @@ class Runner:
                 on_feats = phase.backbone_frozen and self.use_feature_cache
                 if not phase.backbone_frozen:
                     body_touched = True
-                opt = self._optimizer(phase)
+                opt = self.optimizer(phase)
                 steps = math.ceil(len(self.train_idx) / self._batch_size(on_feats))
-                sched = self._scheduler(opt, phase, steps)
+                sched = phase_scheduler(opt, self.spec.schedule, phase.epochs, phase.warmup_epochs, steps)
                 scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 and not on_feats
                           else None)
                 bad_epochs = 0
-                if resuming_phase and first > 0:
+                if resuming_phase and first > 0 and ck is not None:
                     opt.load_state_dict(ck.optimizer)
                     sched.load_state_dict(ck.scheduler)
                     if scaler is not None and ck.scaler:
@@ -398,10 +399,10 @@ class Runner:
                     bad_epochs = ck.bad_epochs
                 elif pi > 0 and best.state is not None:
                     # a new phase starts from the best weights so far
-                    self._load_state(best.state)
+                    load_model_state(self.model, best.state)
                     if not phase.backbone_frozen and "head" in best.state:
                         # from here on the body changes: keep the best head with its pretrained body
-                        best.state = self._state_for_ckpt(True)
+                        best.state = model_state(self.model, True)
                 if ck is not None:
                     set_rng_state(ck.rng)
                     ck = None
@@ -412,9 +413,9 @@ class Runner:
                     te = time.perf_counter()
                     if on_feats:
                         tl, ta, seen, ttrain = self._epoch_on_features(phase, opt, sched, global_epoch, progress)
-                        logits = self._predict_val(True, global_epoch, progress)
+                        logits = self.predict_val(True, global_epoch, progress)
                     else:
-                        tl, ta, seen, ttrain, logits = self._epoch_on_images_retrying(
+                        tl, ta, seen, ttrain, logits = self.train_epoch_on_images(
                             phase, opt, sched, scaler, global_epoch, progress)
                     train_seen += seen
                     yv = torch.tensor(self.val_labels)
@@ -424,7 +425,7 @@ class Runner:
                     self.epoch_times.setdefault(self._mode(phase), []).append(secs)
                     improved = vl < best.val_loss - 1e-6
                     if improved:
-                        best = Best(vl, global_epoch, va, self._state_for_ckpt(body_touched))
+                        best = Best(vl, global_epoch, va, model_state(self.model, body_touched))
                         bad_epochs = 0
                     else:
                         bad_epochs += 1
@@ -439,7 +440,7 @@ class Runner:
                         spec=self.spec.model_dump(), classes=self.classes, epoch=global_epoch,
                         phase_index=pi if not stop_early else pi + 1,
                         epoch_in_phase=e_in + 1 if not stop_early else 0,
-                        model=self._state_for_ckpt(body_touched), optimizer=opt.state_dict(),
+                        model=model_state(self.model, body_touched), optimizer=opt.state_dict(),
                         scheduler=sched.state_dict(), scaler=scaler.state_dict() if scaler else None,
                         rng=rng_state(), history=[h.to_dict() for h in history], best=best,
                         bad_epochs=bad_epochs, body_touched=body_touched, elapsed=elapsed,
@@ -459,15 +460,15 @@ class Runner:
         seconds = elapsed_before + time.perf_counter() - t0
         result = RunResult(status, self.classes, epochs_run=len(history), seconds=seconds,
                            train_images_per_s=train_seen / max(seconds, 1e-9), history=history,
-                           warnings=self.split.warnings, skipped=getattr(self, "skipped", []),
+                           warnings=self.split.warnings, skipped=self.skipped,
                            device=str(self.device), counts=self.split.counts())
         if status == "stopped" or best.state is None:
             result.status = "stopped"
             return result
         # the model file keeps the best epoch
-        self._load_state(best.state)
+        load_model_state(self.model, best.state)
         use_feats = self.use_feature_cache and "full" not in best.state
-        logits = self._predict_val(use_feats, global_epoch, progress)
+        logits = self.predict_val(use_feats, global_epoch, progress)
         files = [self.split.rel(self.items[i][0]) for i in self.val_idx]
         result.val_files = [str(self.items[i][0]) for i in self.val_idx]
         report = evaluation(logits.softmax(1).numpy(), self.val_labels, files, self.classes)
@@ -476,17 +477,17 @@ class Runner:
         metrics = {"val_acc": result.val_acc, "val_loss": result.val_loss, "best_epoch": result.best_epoch,
                    "epochs_run": result.epochs_run, "report": report,
                    "history": [h.to_dict() for h in history]}
-        model_path = self.out / "model.pt"
+        model_path = out / "model.pt"
         save_model_file(model_path, self.model, self.classes, self.pre, self.spec.model_dump(), metrics,
                         self.weights)
         self.cb.on_checkpoint(model_path, "model")
         try:
-            confusion_png(report["confusion_matrix"], self.classes, self.out / "confusion_matrix.png")
+            confusion_png(report["confusion_matrix"], self.classes, out / "confusion_matrix.png")
         except Exception as e:  # a picture must never fail a finished run
             log.warning("could not draw the confusion matrix: %s", e)
         result.model_path = str(model_path)
         result.seconds = elapsed_before + time.perf_counter() - t0
-        (self.out / "metrics.json").write_text(json.dumps(
+        (out / "metrics.json").write_text(json.dumps(
             {**result.summary().to_json(), "history": metrics["history"], "report": report}, indent=2))
         return result
 

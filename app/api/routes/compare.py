@@ -7,17 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.api.deps import CurrentUser, SessionDep
-from app.api.schemas import errors
+from app.api.schemas import CompareOut, errors
 from app.services import compare as service
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=errors(401, 422))
 
 
-@router.get("/compare", responses=errors(400, 404, 409))
+@router.get("/compare", response_model=CompareOut, responses=errors(400, 404, 409))
 def compare_jobs(session: SessionDep, user: CurrentUser,
                  ids: Annotated[list[str] | None, Query(
                      description="Job ids, comma-separated (or the parameter repeated): 2 to 8 succeeded jobs of "
-                                 "one dataset; the first is the baseline.", examples=["3,5"])] = None) -> dict:
+                                 "one dataset; the first is the baseline.", examples=["3,5"])] = None):
     """Compare jobs trained on the same dataset: each job's parameters (`spec`), metrics with a bootstrap
     95% interval on val accuracy, per-epoch curves; the parameters that differ; per-class F1 and its
     difference from the baseline (the first job); and for each other job the difference in val accuracy

@@ -9,6 +9,7 @@ from app.api.deps import CurrentUser, SessionDep, SettingsDep
 from app.api.schemas import DatasetOut, errors
 from app.core.errors import BadRequest
 from app.db.models import Dataset
+from app.services import access
 from app.services import datasets as service
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=errors(401, 422))
@@ -69,7 +70,7 @@ def _top(filename: str | None) -> str:
 @router.get("", response_model=list[DatasetOut])
 def list_datasets(session: SessionDep, user: CurrentUser):
     return [DatasetOut.model_validate(d) for d in
-            session.scalars(select(Dataset).where(Dataset.owner_id == user.id).order_by(Dataset.id.desc()))]
+            session.scalars(select(Dataset).where(access.visible_to(Dataset, user)).order_by(Dataset.id.desc()))]
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=errors(404))

@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
@@ -15,10 +15,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
-from app.api.schemas import EpochMetricOut, JobCreate, JobOut, errors
+from app.api.schemas import EpochMetricOut, EvaluationOut, JobCreate, JobOut, MistakeOut, PredictOut, errors
 from app.core.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
-from app.db.models import FINAL_STATUSES, MAX_ID, EpochMetric, Job, JobEvent
+from app.db.models import FINAL_STATUSES, MAX_ID, EpochMetric, Job, JobEvent, JobKind, JobStatus
+from app.services import access
 from app.services import jobs as service
+from domain.exports import EXPORT_FORMATS, ExportName
+from domain.results import RunSummary
 from domain.spec import RunSpec
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=errors(401, 422))
@@ -37,7 +40,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, user
 @router.get("", response_model=list[JobOut])
 def list_jobs(session: SessionDep, user: CurrentUser, status: str | None = None,
               dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None):
-    q = select(Job).where(Job.owner_id == user.id)
+    q = select(Job).where(access.visible_to(Job, user))
     if status:
         q = q.where(Job.status == status)
     if dataset_id is not None:
@@ -71,10 +74,6 @@ def cancel_job(job_id: int, session: SessionDep, settings: SettingsDep, user: Cu
     return JobOut.model_validate(service.cancel(session, user, job_id, settings))
 
 
-FORMATS = {"pytorch": ("model", ".pt"), "torchscript": ("torchscript", ".torchscript.pt"),
-           "onnx": ("onnx", ".onnx"), "model_card": ("model_card", ".model_card.json")}
-
-
 def _artifact_file(settings, art) -> Path:
     path = (settings.data_dir / art.path).resolve()
     if not path.is_relative_to(settings.data_dir.resolve()) or not path.is_file():
@@ -86,40 +85,43 @@ def _artifact_file(settings, art) -> Path:
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The model file"},
                        **errors(404, 409)})
 def download_model(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser,
-                   format: Literal["pytorch", "torchscript", "onnx", "model_card"] = "pytorch"):
+                   format: ExportName = ExportName("pytorch")):
     """The trained model: `pytorch` (state dict with classes, preprocessing, parameters and metrics inside),
     `torchscript`, `onnx` (dynamic batch; checked against PyTorch with onnxruntime), or the `model_card`
     alone. TorchScript and ONNX files carry the model card (the preprocessing to apply) inside."""
-    kind, ext = FORMATS[format]
+    fmt = EXPORT_FORMATS[format.value]
     job = service.get_owned(session, user, job_id)
-    failed = next((e for e in (job.result or {}).get("exports", []) if e["format"] == format and not e["ok"]), None)
+    summary = RunSummary.from_stored(job.result)
+    failed = next((e for e in summary.exports if e.format == fmt.name and not e.ok), None) if summary else None
     if failed is not None:
-        raise Conflict(f"the {format} export of job {job_id} failed: {failed['error']}", failed)
-    art = service.artifact(session, user, job_id, kind)
-    return FileResponse(_artifact_file(settings, art), media_type="application/json" if format == "model_card"
+        raise Conflict(f"the {fmt.name} export of job {job_id} failed: {failed.error}", failed.to_json())
+    art = service.artifact(session, user, job_id, fmt.artifact)
+    return FileResponse(_artifact_file(settings, art), media_type="application/json" if fmt.name == "model_card"
                         else "application/octet-stream",
-                        filename=f"graft-job{job_id}-{job.spec.get('backbone', 'model')}{ext}",
+                        filename=f"graft-job{job_id}-{job.spec.get('backbone', 'model')}{fmt.suffix}",
                         headers={"X-Checksum-SHA256": art.sha256})
 
 
-@router.get("/{job_id}/evaluation", responses=errors(404))
-def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> dict:
+@router.get("/{job_id}/evaluation", response_model=EvaluationOut, response_model_exclude_unset=True,
+            responses=errors(404))
+def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> EvaluationOut:
     """How good the model is on the val set: accuracy, confusion matrix (rows = true class), per-class
     precision/recall/F1/support, top-k accuracy (more than 5 classes), the most confident mistakes
     (each with an image URL), the exports with their ONNX parity figures, and each val image's true and
     predicted class index (`y_true`, `y_pred`, in sorted file order; `val_set` identifies those files)."""
     job = service.get_owned(session, user, job_id)
-    report = (job.result or {}).get("report")
-    if getattr(job, "kind", "train") == "probe":
+    if job.kind == JobKind.probe.value:
         raise NotFound(f"job {job_id} compares backbones and trains no model, so it has no evaluation: its "
                        f"leaderboard is at GET /api/v1/datasets/{job.dataset_id}/probe")
-    if job.status != "succeeded" or not report:
+    summary = RunSummary.from_stored(job.result)
+    report = summary.report if summary is not None else None
+    if job.status != JobStatus.succeeded.value or report is None:
         raise NotFound(f"job {job_id} has no evaluation: it is {job.status}; evaluations come with success")
-    mistakes = [{**m, "image_url": f"/api/v1/jobs/{job_id}/mistakes/{i}.jpg"}
-                for i, m in enumerate(report.get("mistakes", []))]
-    return {"job_id": job_id, **{k: v for k, v in report.items() if k != "mistakes"}, "mistakes": mistakes,
-            "confusion_matrix_png": f"/api/v1/jobs/{job_id}/confusion_matrix.png",
-            "exports": (job.result or {}).get("exports", [])}
+    mistakes = [MistakeOut(**m.to_json(), image_url=f"/api/v1/jobs/{job_id}/mistakes/{i}.jpg")
+                for i, m in enumerate(report.mistakes)]
+    return EvaluationOut(**{k: v for k, v in report.to_json().items() if k != "mistakes"}, job_id=job_id,
+                         mistakes=mistakes, confusion_matrix_png=f"/api/v1/jobs/{job_id}/confusion_matrix.png",
+                         exports=summary.exports if summary is not None else [])
 
 
 @router.get("/{job_id}/confusion_matrix.png", response_class=FileResponse,
@@ -133,15 +135,17 @@ def confusion_matrix_png(job_id: int, session: SessionDep, settings: SettingsDep
 def mistake_image(job_id: int, n: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     """A thumbnail of the n-th misclassified val image."""
     job = service.get_owned(session, user, job_id)
-    mistakes = ((job.result or {}).get("report") or {}).get("mistakes", [])
+    summary = RunSummary.from_stored(job.result)
+    mistakes = summary.report.mistakes if summary is not None and summary.report is not None else []
     if not 0 <= n < len(mistakes):
         raise NotFound(f"job {job_id} has no misclassified image number {n}")
     from app.services import thumbs
 
-    return Response(thumbs.file_thumbnail(settings, job.dataset, mistakes[n]["file"]), media_type="image/jpeg")
+    return Response(thumbs.file_thumbnail(settings, job.dataset, mistakes[n].file), media_type="image/jpeg")
 
 
-@router.post("/{job_id}/predict", responses=errors(400, 404, 413, 503), openapi_extra={"requestBody": {"required": True, "content": {
+@router.post("/{job_id}/predict", response_model=PredictOut, response_model_exclude_unset=True,
+             responses=errors(400, 404, 413, 503), openapi_extra={"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "top_k": {"type": "integer", "default": 3}}}}}}})
@@ -179,7 +183,7 @@ async def predict(job_id: int, request: Request, session: SessionDep, settings: 
     if r.status_code != 200:
         msg = (body.get("error") or {}).get("message", f"status {r.status_code}")
         raise ServiceUnavailable(f"the inference service failed: {msg}")
-    return {"job_id": job_id, "results": body["results"]}
+    return PredictOut.model_validate({"job_id": job_id, "results": body["results"]})
 
 
 def _snapshot(job: Job) -> dict:

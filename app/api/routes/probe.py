@@ -4,13 +4,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, Field
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
 from app.api.schemas import JobOut, UTCDatetime, errors
 from app.core.errors import NotFound
 from app.services import datasets as dataset_service
 from app.services import probe as service
+from domain.results import DomainGap, ProbeRow
 from domain.spec import ProbeSpec
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["probe"], responses=errors(401, 422))
@@ -26,23 +27,6 @@ class AdviceOut(BaseModel):
     domain: Literal["near", "distant"] | None
     measured: dict[str, Any] | None
     hint: str | None
-
-
-class ProbeRow(BaseModel):
-    """One backbone's line of the leaderboard (a failed backbone has `error` and no figures)."""
-
-    model_config = ConfigDict(extra="allow")
-    rank: int | None = None
-    backbone: str
-    pretrained: bool = True
-    val_acc: float | None = None
-    val_loss: float | None = None
-    seconds: float | None = None
-    feature_seconds: float | None = None
-    params: int | None = None
-    size_mb: float | None = None
-    cached: bool | None = None
-    error: str | None = None
 
 
 class ProbeJobOut(BaseModel):
@@ -61,8 +45,8 @@ class ProbeOut(BaseModel):
     dataset_id: int
     job: ProbeJobOut
     result_job_id: int | None
-    leaderboard: list[ProbeRow]
-    measured: dict[str, Any] | None
+    leaderboard: list[ProbeRow] = Field(description="Best val accuracy first; failed backbones last.")
+    measured: DomainGap | None = Field(description="The advisor's measurement, when it ran.")
     seconds: float | None
     device: str | None
     advice: AdviceOut
@@ -82,7 +66,8 @@ def start_probe(dataset_id: int, session: SessionDep, settings: SettingsDep, use
     return JobOut.model_validate(job)
 
 
-@router.get("/{dataset_id}/probe", response_model=ProbeOut, responses=errors(404))
+@router.get("/{dataset_id}/probe", response_model=ProbeOut, response_model_exclude_unset=True,
+            responses=errors(404))
 def get_probe(dataset_id: int, session: SessionDep, user: CurrentUser):
     """The newest backbone comparison of the dataset (`job`, maybe still running), the leaderboard of the newest
     one that succeeded (best val accuracy first, with the seconds each backbone took and the model's size),

@@ -1,0 +1,56 @@
+"""Pages: uploading a dataset, a dataset's page and its sample thumbnails."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from sqlalchemy import select
+
+from app.api.deps import SessionDep, SettingsDep
+from app.core.errors import NotFound, Unauthorized
+from app.db.models import Job
+from app.services import access, thumbs
+from app.services import datasets as dataset_service
+from app.web import probe as probe_pages
+from app.web.render import PageUser, SignedIn, _not_found, page_id, page_object, render
+from domain.advice import STRATEGIES
+
+router = APIRouter(include_in_schema=False)
+SAMPLES_PER_CLASS = 4
+
+
+@router.get("/datasets/new")
+def dataset_new(request: Request, settings: SettingsDep, user: SignedIn):
+    return render(request, "dataset_new.html", {"nav": "upload", "max_upload_bytes": settings.max_upload_bytes},
+                  user=user)
+
+
+@router.get("/datasets/{dataset_id}")
+def dataset_page(dataset_id: str, request: Request, session: SessionDep, user: SignedIn):
+    ds = page_object(dataset_service.get_owned, session, user, dataset_id)
+    if ds is None:
+        return _not_found(request, user, f"dataset {dataset_id}")
+    train = ds.counts.get("train", {})
+    val = ds.counts.get("val", {})
+    rows = [{"index": i, "name": c, "train": int(train.get(c, 0)), "val": int(val.get(c, 0)),
+             "samples": min(SAMPLES_PER_CLASS, int(train.get(c, 0)))} for i, c in enumerate(ds.classes)]
+    largest = max([r["train"] + r["val"] for r in rows] or [1]) or 1
+    jobs = session.scalars(select(Job).where(Job.dataset_id == ds.id, access.visible_to(Job, user))
+                           .order_by(Job.id.desc())).all()
+    return render(request, "dataset.html", {
+        "nav": "dataset", "ds": ds, "rows": rows, "largest": largest, "jobs": jobs,
+        "train_total": sum(r["train"] for r in rows), "val_total": sum(r["val"] for r in rows),
+        "strategies": STRATEGIES, **probe_pages.dataset_context(session, user, ds)}, user=user)
+
+
+@router.get("/datasets/{dataset_id}/samples/{class_index}/{n}.jpg")
+def dataset_sample(dataset_id: str, class_index: str, n: str, request: Request, session: SessionDep,
+                   settings: SettingsDep, user: PageUser):
+    """A JPEG thumbnail (at most 160 px) of the n-th train image of a class, for the dataset page."""
+    if user is None:
+        raise Unauthorized("sign in first: open the sign-in link `graft serve` printed")
+    did, ci, ni = page_id(dataset_id), page_id(class_index), page_id(n)
+    if did is None or ci is None or ni is None:
+        raise NotFound("a sample is /datasets/<id>/samples/<class index>/<n>.jpg with numbers from 0")
+    ds = dataset_service.get_owned(session, user, did)
+    data = thumbs.sample_thumbnail(settings, ds, ci, ni)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.routes import backbones, compare, datasets, health, jobs, probe
-from app.core.errors import AppError
+from app.api.routes import backbones, compare, datasets, health, jobs, probe, workspaces
+from app.core.errors import AppError, TooManyRequests
 from app.core.settings import Settings, get_settings
 from app.db.session import session_factory
 
@@ -126,10 +126,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         resp = _error(exc.status, exc.code, exc.message, exc.details)
-        if headers:
-            resp.headers.update(headers)
+        if exc.status == 401:
+            resp.headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, TooManyRequests):
+            resp.headers["Retry-After"] = str(exc.retry_after)
         return resp
 
     @app.exception_handler(RequestValidationError)
@@ -156,7 +157,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(500, "internal", "internal error: the server log has the details")
 
     # compare before jobs: its /api/v1/jobs/compare would otherwise match /api/v1/jobs/{job_id}
-    for r in (health.router, backbones.router, datasets.router, compare.router, probe.router, jobs.router):
+    for r in (health.router, backbones.router, workspaces.router, datasets.router, compare.router, probe.router,
+              jobs.router):
         app.include_router(r)
     from app.web.routes import router as web_router
 

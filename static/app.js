@@ -67,6 +67,10 @@ const Graft = (() => {
   }
   document.addEventListener("DOMContentLoaded", () => localTimes());
 
+  /* The workspace switcher in the top bar submits itself. */
+  const wsSelect = document.getElementById("ws-select");
+  if (wsSelect) wsSelect.addEventListener("change", () => wsSelect.form.submit());
+
   /* The words for a job's stage ("decode" -> "Decoding images"): the server's one list (app.web.render.STAGES). */
   const stagesEl = document.getElementById("graft-stages");
   const stages = stagesEl ? JSON.parse(stagesEl.textContent) : {};

@@ -111,8 +111,14 @@
     else if (s.status === "succeeded") stage = "Finished";
     $("stage-text").textContent = stage;
     $("epoch-text").textContent = s.total_epochs ? `epoch ${s.current_epoch} of ${s.total_epochs}` : "";
-    $("eta-text").textContent = s.status === "running" && s.eta_seconds !== null && s.eta_seconds !== undefined
-      ? `about ${Graft.duration(s.eta_seconds)} left` : "";
+    // a running job whose worker stopped responding: say so instead of an ETA that no longer means anything
+    const eta = $("eta-text");
+    const stale = s.status === "running" && s.stale && s.status_note;
+    eta.classList.toggle("status-note", Boolean(stale));
+    if (stale) eta.setAttribute("role", "status"); else eta.removeAttribute("role");
+    eta.textContent = stale ? s.status_note
+      : s.status === "running" && s.eta_seconds !== null && s.eta_seconds !== undefined
+        ? `about ${Graft.duration(s.eta_seconds)} left` : "";
     if (s.best_val_acc !== null && s.best_val_acc !== undefined) $("best-acc").textContent = Graft.pct(s.best_val_acc);
     if (s.status === "failed" && s.error) {
       $("job-error-text").textContent = s.error;

@@ -25,6 +25,7 @@ class ErrorOut(BaseModel):
 
 
 ERROR_TEXT = {400: "The request is malformed or its content unusable", 401: "No valid token or session",
+              403: "Your role in the workspace does not allow this", 429: "Too many failed attempts: wait",
               404: "No such object, or it belongs to another user", 405: "Method not allowed",
               409: "The object's state does not allow this", 413: "The request body is larger than the limit",
               422: "Invalid parameters", 503: "A backing service (job queue, inference) cannot be reached"}
@@ -38,6 +39,7 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 class DatasetOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int
+    workspace_id: int
     name: str
     layout: str
     classes: list[str]
@@ -52,11 +54,13 @@ class JobCreate(RunSpec):
     """The run's parameters (every field has a default) plus the dataset to train on."""
 
     dataset_id: int
+    workspace_id: int | None = Field(None, description="Must be the dataset's workspace (the default).")
 
 
 class JobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int
+    workspace_id: int
     dataset_id: int
     kind: str = "train"  # "train", or "probe" (a backbone comparison: spec is a ProbeSpec)
     status: str
@@ -74,7 +78,11 @@ class JobOut(BaseModel):
     created_at: UTCDatetime
     started_at: UTCDatetime | None
     finished_at: UTCDatetime | None
-
+    stale: bool = Field(False, description="True when the job is running but its worker has sent no heartbeat "
+                        "for longer than GRAFT_HEARTBEAT_TIMEOUT_S: it is re-queued at the next reconcile round and "
+                        "resumes from its last checkpoint; its ETA is meaningless meanwhile")
+    status_note: str | None = Field(None, description="A sentence about the status that the status alone does "
+                                    "not say (a stale job: its worker stopped responding), or null")
 
     @field_validator("result")
     @classmethod

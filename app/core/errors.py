@@ -26,6 +26,24 @@ class Unauthorized(AppError):
     code = "unauthorized"
 
 
+class Forbidden(AppError):
+    """Signed in and allowed to see the object, but not to do this with it (e.g. a viewer deleting)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class TooManyRequests(AppError):
+    """Throttled (repeated failed sign-ins): try again after `retry_after` seconds."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after: int, details: list | dict | None = None):
+        super().__init__(message, details)
+        self.retry_after = max(1, int(retry_after))
+
+
 class NotFound(AppError):
     """No such object, or it belongs to someone else (the two are indistinguishable on purpose)."""
 

@@ -38,8 +38,26 @@ class Settings(BaseSettings):
                               "it is marked failed instead of re-queued")
     reconcile_interval_s: float = Field(30.0, gt=0, description="How often each worker looks for lost jobs and "
                                         "for queued jobs the broker does not have")
-    default_user: str = "admin"
+    default_user: str = Field("admin", description="The first admin, whose invite link `graft serve` prints")
     session_max_age_s: int = 14 * 24 * 3600
+    public_url: str = Field("http://127.0.0.1:8000", description="The address users open Graft at: the origin of "
+                            "invite links and of the single sign-on redirect")
+    oidc_issuer: str | None = Field(None, description="Single sign-on: the OpenID Connect provider's issuer URL "
+                                    "(with the two below, adds a 'Sign in with ...' button)")
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_auto_create: bool = Field(False, description="Create an account on a first single sign-on whose "
+                                   "verified e-mail matches no user")
+    oidc_name: str = Field("single sign-on", description="The provider's name on the button")
+
+    @field_validator("public_url", mode="after")
+    @classmethod
+    def _no_trailing_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @property
+    def oidc_enabled(self) -> bool:
+        return bool(self.oidc_issuer and self.oidc_client_id)
 
     @property
     def heartbeat_every_s(self) -> float:

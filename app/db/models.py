@@ -8,8 +8,22 @@ import datetime as dt
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    event,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.sql.expression import false as sa_false
 
 from domain.clock import utcnow
 
@@ -35,11 +49,64 @@ FINAL_STATUSES = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.c
 MAX_ID = 2**31 - 1  # ids are INTEGER columns: a larger number from a client can name no row
 
 
+class Role(str, enum.Enum):
+    """A member's role in a workspace: each includes the ones before it."""
+
+    viewer = "viewer"  # see, download, predict
+    editor = "editor"  # also upload, train, cancel, delete
+    owner = "owner"  # also manage members
+
+
+ROLE_RANK = {Role.viewer.value: 1, Role.editor.value: 2, Role.owner.value: 3}
+
+
 class User(Base):
     __tablename__ = "users"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # argon2id (pwdlib); None until the user sets a password through an invite link
+    password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    email: Mapped[str | None] = mapped_column(String(254), default=None, unique=True)
+    # single sign-on: the provider's issuer and subject of the account linked to this user
+    oidc_issuer: Mapped[str | None] = mapped_column(String(500), default=None)
+    oidc_subject: Mapped[str | None] = mapped_column(String(255), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Workspace(Base):
+    """Datasets, jobs and their models belong to a workspace. Every user has a personal one
+    (`personal_user_id`); admins create shared ones and add members."""
+
+    __tablename__ = "workspaces"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    personal_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), default=None,
+                                                         unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+    __table_args__ = (UniqueConstraint("workspace_id", "user_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16), default=Role.viewer.value)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    workspace: Mapped[Workspace] = relationship()
+    user: Mapped[User] = relationship()
+
+
+class SignInFailure(Base):
+    """A failed sign-in (no password kept): the throttle counts them per username and per client address."""
+
+    __tablename__ = "sign_in_failures"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(100), index=True)
+    address: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
 
 
 class ApiToken(Base):
@@ -63,7 +130,8 @@ class Dataset(Base):
     __tablename__ = "datasets"
     NAME_MAX = 200
     id: Mapped[int] = mapped_column(primary_key=True)
-    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)  # who made it
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     path: Mapped[str] = mapped_column(String(500))  # relative to the data directory
     layout: Mapped[str] = mapped_column(String(200), default="")
@@ -78,7 +146,8 @@ class Dataset(Base):
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(primary_key=True)
-    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)  # who started it
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"), index=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column()
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value, index=True)
@@ -146,3 +215,31 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+# ---------------------------------------------------------------- the default workspace
+
+
+@event.listens_for(OrmSession, "before_flush")
+def _default_workspace(session: OrmSession, flush_context: Any, instances: Any) -> None:
+    """A new dataset or job without a workspace goes to its owner's personal workspace (made when the owner
+    has none yet: users from before workspaces, or made directly)."""
+    for obj in list(session.new):
+        if isinstance(obj, Dataset | Job) and obj.workspace_id is None and obj.owner_id is not None:
+            obj.workspace_id = _personal_workspace_id(session, obj.owner_id)
+
+
+def _personal_workspace_id(session: OrmSession, user_id: int) -> int:
+    from sqlalchemy import insert, select
+
+    with session.no_autoflush:
+        wid = session.scalar(select(Workspace.id).where(Workspace.personal_user_id == user_id))
+        if wid is None:  # inside a flush: rows go in through the connection, not the unit of work
+            conn = session.connection()
+            name = conn.scalar(select(User.name).where(User.id == user_id)) or f"user {user_id}"
+            now = utcnow()
+            wid = conn.execute(insert(Workspace).values(name=name[:100], personal_user_id=user_id,
+                                                        created_at=now)).inserted_primary_key[0]  # type: ignore[index]
+            conn.execute(insert(Membership).values(workspace_id=wid, user_id=user_id, role=Role.owner.value,
+                                                   created_at=now))
+    return int(wid)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from app.core.errors import AppError, BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from app.core.settings import Settings
 from app.db.models import FINAL_STATUSES, Dataset, Job, JobKind, User
-from app.services import access
+from app.services import access, workspaces
 from app.services.doctor import Problem, examine, examples, plural, refuse
 
 CHUNK = 1 << 20
@@ -211,11 +211,13 @@ def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, sett
         refuse(found.problems(), BadRequest)
 
 
-def _register(session: Session, settings: Settings, user: User, name: str, folder: Path) -> Dataset:
+def _register(session: Session, settings: Settings, user: User, name: str, folder: Path,
+              workspace_id: int) -> Dataset:
     split = examine(folder, settings)
     root_rel = split.root.relative_to(settings.data_dir)
     size = sum(p.stat().st_size for p, _ in split.train + split.val)
-    ds = Dataset(owner_id=user.id, name=name.strip() or folder.name, path=str(root_rel), layout=split.layout,
+    ds = Dataset(owner_id=user.id, workspace_id=workspace_id, name=name.strip() or folder.name, path=str(root_rel),
+                 layout=split.layout,
                  classes=split.classes, counts=split.counts(), warnings=split.warnings,
                  num_images=len(split.train) + len(split.val), size_bytes=size)
     session.add(ds)
@@ -236,8 +238,11 @@ def _new_folder(settings: Settings) -> Path:
     return d
 
 
-def create_from_zip(session: Session, settings: Settings, user: User, name: str, upload: BinaryIO) -> Dataset:
+def create_from_zip(session: Session, settings: Settings, user: User, name: str, upload: BinaryIO,
+                    workspace_id: int | None = None) -> Dataset:
+    """A zip of the dataset into the workspace (default: the user's personal one; editors only)."""
     _check_name(name)
+    wid = workspaces.target(session, user, workspace_id, "uploading a dataset").id
     settings.ensure_dirs()
     tmp_zip = settings.uploads_dir / f"{uuid.uuid4().hex}.zip"
     folder = None
@@ -258,7 +263,7 @@ def create_from_zip(session: Session, settings: Settings, user: User, name: str,
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, zlib.error) as e:
             refuse([Problem(f"the zip archive is corrupt or uses an unsupported feature ({e})",
                             "create it again with a standard zip tool")], BadRequest)
-        return _register(session, settings, user, name, folder)
+        return _register(session, settings, user, name, folder, wid)
     except BaseException:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -269,9 +274,10 @@ def create_from_zip(session: Session, settings: Settings, user: User, name: str,
 
 
 def create_from_files(session: Session, settings: Settings, user: User, name: str,
-                      files: Iterable[tuple[str, BinaryIO]]) -> Dataset:
+                      files: Iterable[tuple[str, BinaryIO]], workspace_id: int | None = None) -> Dataset:
     """A folder picked in the browser: many files, each with its relative path."""
     _check_name(name)
+    wid = workspaces.target(session, user, workspace_id, "uploading a dataset").id
     folder = _new_folder(settings)
     try:
         found = _EntryProblems()
@@ -297,15 +303,17 @@ def create_from_files(session: Session, settings: Settings, user: User, name: st
             refuse([Problem("no files were uploaded", "pick the dataset folder")], BadRequest)
         if found.problems():
             refuse(found.problems(), BadRequest)
-        return _register(session, settings, user, name, folder)
+        return _register(session, settings, user, name, folder, wid)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         session.rollback()
         raise
 
 
-def get_owned(session: Session, user: User, dataset_id: int) -> Dataset:
-    ds = access.get_visible(session, Dataset, user, dataset_id)
+def get_owned(session: Session, user: User, dataset_id: int, need: str = access.VIEW,
+              what: str = "this") -> Dataset:
+    """A dataset the user may see (404 otherwise); with `need`, a role they must have there (403)."""
+    ds = access.get_visible(session, Dataset, user, dataset_id, need, what)
     if ds is None:
         raise NotFound(f"dataset {dataset_id} not found: list yours with GET /api/v1/datasets")
     return ds
@@ -314,7 +322,7 @@ def get_owned(session: Session, user: User, dataset_id: int) -> Dataset:
 def delete(session: Session, settings: Settings, user: User, dataset_id: int) -> None:
     """Refused while jobs that are not finished use the dataset; finished jobs keep their models, so a
     dataset that has jobs is refused too (delete the jobs first). Files go after the row."""
-    ds = get_owned(session, user, dataset_id)
+    ds = get_owned(session, user, dataset_id, access.EDIT, "deleting a dataset")
     active = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == ds.id,
                                                                       Job.status.not_in(FINAL_STATUSES)))
     if active:

@@ -1,6 +1,7 @@
 """Jobs: create (row first, commit, then enqueue the id), read, cancel, delete."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import shutil
 
@@ -14,16 +15,33 @@ from app.services import access, lifecycle
 from app.services import datasets as dataset_service
 from app.services.queue import enqueue_job
 from domain.catalog import CATALOG
+from domain.clock import as_utc, utcnow
 from domain.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
 
-def get_owned(session: Session, user: User, job_id: int) -> Job:
-    job = access.get_visible(session, Job, user, job_id)
+def get_owned(session: Session, user: User, job_id: int, need: str = access.VIEW, what: str = "this") -> Job:
+    """A job the user may see (404 otherwise); with `need`, a role they must have there (403)."""
+    job = access.get_visible(session, Job, user, job_id, need, what)
     if job is None:
         raise NotFound(f"job {job_id} not found: list yours with GET /api/v1/jobs")
     return job
+
+
+STALE_NOTE = "its worker stopped responding; it will resume when a worker takes it"
+
+
+def staleness(job: Job, settings: Settings, now: dt.datetime | None = None) -> tuple[bool, str | None]:
+    """(stale, status_note): a running job whose last sign of life (heartbeat, else start, else creation)
+    is older than GRAFT_HEARTBEAT_TIMEOUT_S lost its worker; the reaper re-queues it at its next round."""
+    if job.status != JobStatus.running.value:
+        return False, None
+    last = as_utc(job.heartbeat_at or job.started_at or job.created_at)
+    if last is None:
+        return False, None
+    stale = ((now or utcnow()) - last).total_seconds() > settings.heartbeat_timeout_s
+    return stale, STALE_NOTE if stale else None
 
 
 def enqueue(session: Session, settings: Settings, job: Job) -> None:
@@ -42,8 +60,14 @@ def enqueue(session: Session, settings: Settings, job: Job) -> None:
     job.celery_task_id = task_id
 
 
-def create(session: Session, settings: Settings, user: User, dataset_id: int, spec: RunSpec) -> Job:
-    ds = dataset_service.get_owned(session, user, dataset_id)
+def create(session: Session, settings: Settings, user: User, dataset_id: int, spec: RunSpec,
+           workspace_id: int | None = None) -> Job:
+    """A training job on the dataset, in the dataset's workspace (editors only)."""
+    ds = dataset_service.get_owned(session, user, dataset_id, access.EDIT, "training a model")
+    if workspace_id is not None and workspace_id != ds.workspace_id:
+        raise Unprocessable(f"dataset {ds.id} is in workspace {ds.workspace_id}, not {workspace_id}: a job runs "
+                            "in its dataset's workspace (leave workspace_id out)",
+                            {"dataset_workspace_id": ds.workspace_id})
     if spec.backbone not in CATALOG:
         raise Unprocessable(f"unknown backbone {spec.backbone!r}: choose one of {', '.join(CATALOG)}")
     if spec.pretrained and not CATALOG[spec.backbone].weights_available():
@@ -51,8 +75,8 @@ def create(session: Session, settings: Settings, user: User, dataset_id: int, sp
             f"pretrained weights for {spec.backbone} are not on this server: import them with "
             f"`graft weights import FILE --backbone {spec.backbone}`, pick a backbone whose weights are "
             "available (GET /api/v1/backbones), or set pretrained=false")
-    job = Job(owner_id=user.id, dataset_id=ds.id, spec=spec.model_dump(), status=JobStatus.queued.value,
-              total_epochs=spec.epochs)
+    job = Job(owner_id=user.id, workspace_id=ds.workspace_id, dataset_id=ds.id, spec=spec.model_dump(),
+              status=JobStatus.queued.value, total_epochs=spec.epochs)
     lifecycle.create(session, job)
     enqueue(session, settings, job)
     return job
@@ -63,7 +87,7 @@ def cancel(session: Session, user: User, job_id: int, settings: Settings | None 
     flag within a second or two and stops; if its worker stopped responding (no heartbeat for
     GRAFT_HEARTBEAT_TIMEOUT_S), cancelled at once (were the worker only slow, it finds the row changed and
     stops). Finished: 409."""
-    job = get_owned(session, user, job_id)
+    job = get_owned(session, user, job_id, access.EDIT, "cancelling a job")
     if job.status in FINAL_STATUSES:
         raise Conflict(f"job {job.id} already {job.status}: there is nothing to cancel")
     lifecycle.request_cancel(session, job, (settings or get_settings()).heartbeat_timeout_s)
@@ -72,7 +96,7 @@ def cancel(session: Session, user: User, job_id: int, settings: Settings | None 
 
 
 def delete(session: Session, settings: Settings, user: User, job_id: int) -> None:
-    job = get_owned(session, user, job_id)
+    job = get_owned(session, user, job_id, access.EDIT, "deleting a job")
     if job.status not in FINAL_STATUSES:
         raise Conflict(f"job {job.id} is {job.status}: cancel it first, then delete it")
     session.delete(job)

@@ -30,8 +30,8 @@ def available_backbones() -> list[str]:
 def start(session: Session, settings: Settings, user: User, dataset_id: int, spec: ProbeSpec) -> Job:
     """Queue a probe of the dataset. The backbones are resolved now (default: every one whose pretrained
     weights are on this server), so that the job's record says what it compared."""
-    ds = dataset_service.get_owned(session, user, dataset_id)
-    running = session.scalar(select(Job.id).where(Job.dataset_id == ds.id, access.visible_to(Job, user),
+    ds = dataset_service.get_owned(session, user, dataset_id, access.EDIT, "comparing backbones")
+    running = session.scalar(select(Job.id).where(Job.dataset_id == ds.id,
                                                   Job.kind == PROBE, Job.status.not_in(FINAL_STATUSES)))
     if running is not None:
         raise Conflict(f"a backbone comparison of dataset {ds.id} is already under way (job {running}): wait for "
@@ -56,7 +56,7 @@ def start(session: Session, settings: Settings, user: User, dataset_id: int, spe
                                 "compare: import some with `graft weights import FILE --backbone NAME` "
                                 "(GET /api/v1/backbones lists them)")
     spec = spec.model_copy(update={"backbones": names})
-    job = Job(owner_id=user.id, dataset_id=ds.id, kind=PROBE, spec=spec.model_dump(), status=JobStatus.queued.value,
+    job = Job(owner_id=user.id, workspace_id=ds.workspace_id, dataset_id=ds.id, kind=PROBE, spec=spec.model_dump(), status=JobStatus.queued.value,
               total_epochs=0)
     lifecycle.create(session, job)
     job_service.enqueue(session, settings, job)

@@ -96,8 +96,9 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
         val_images = report.images or sum(sum(row) for row in cm)
         wrong_total = val_images - sum(row[i] for i, row in enumerate(cm) if i < len(row))
         mistakes = report.mistakes if "mistakes" in report.model_fields_set else None
+    stale, status_note = job_service.staleness(job, settings)
     return render(request, "job.html", {
-        "nav": "job", "job": job, "ds": job.dataset, "metrics": metrics, "best_epoch": best_epoch, "has_model": has_model,
+        "nav": "job", "job": job, "stale": stale, "status_note": status_note, "ds": job.dataset, "metrics": metrics, "best_epoch": best_epoch, "has_model": has_model,
         "result": summary if summary is not None else {}, "report": report, "strategy": STRATEGIES.get(kind),
         "final": job.status in FINAL_STATUSES, "mistakes": mistakes, "wrong_total": wrong_total,
         "val_images": val_images,

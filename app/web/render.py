@@ -3,6 +3,8 @@ sign-in, error and not-found pages. Every page module renders through here."""
 from __future__ import annotations
 
 import datetime as dt
+import hmac
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -14,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import SESSION_COOKIE, SessionDep, csrf_token_for
 from app.core.errors import NotFound
-from app.db.models import FINAL_STATUSES, User
+from app.db.models import FINAL_STATUSES, User, Workspace
 from app.services import auth
 from domain.clock import as_utc
 
@@ -89,7 +91,28 @@ def page_user(request: Request, session: SessionDep) -> User | None:
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return None
-    return auth.authenticate(session, cookie, ("session",))
+    user = auth.authenticate(session, cookie, ("session",))
+    if user is not None:
+        request.state.page_session = session  # render() lists the user's workspaces for the top bar
+    return user
+
+
+WORKSPACE_COOKIE = "graft_workspace"
+
+
+def current_workspace(request: Request, session: Session, user: User) -> tuple[Workspace, str]:
+    """The workspace the pages show (chosen with the switcher; a cookie), with the user's role there;
+    the personal workspace when none is chosen or the chosen one is no longer theirs."""
+    from app.services import workspaces
+
+    raw = request.cookies.get(WORKSPACE_COOKIE, "")
+    mine = workspaces.mine(session, user)
+    for ws, role in mine:
+        if raw.isdigit() and ws.id == int(raw):
+            return ws, role
+    personal = workspaces.personal(session, user)
+    session.commit()
+    return personal, "owner"
 
 
 PageUser = Annotated[User | None, Depends(page_user)]
@@ -130,13 +153,69 @@ def render(request: Request, name: str, context: dict[str, Any] | None = None, s
     cookie = request.cookies.get(SESSION_COOKIE)
     ctx = {"user": user, "csrf_token": csrf_token_for(cookie) if user is not None and cookie else "",
            "nav": None, **(context or {})}
+    session = getattr(request.state, "page_session", None)
+    if user is not None and session is not None and "workspace" not in ctx:
+        from app.services import workspaces
+
+        ctx["workspace"], ctx["workspace_role"] = current_workspace(request, session, user)
+        ctx["my_workspaces"] = workspaces.mine(session, user)
     resp = templates.TemplateResponse(request, name, ctx, status_code=status_code)
     resp.headers["Cache-Control"] = "no-store"
     return resp
 
 
-def sign_in_page(request: Request, status_code: int = 401, error: bool = False) -> HTMLResponse:
-    return render(request, "login.html", {"error": error}, status_code=status_code)
+FORM_COOKIE = "graft_form"  # the anonymous forms' (sign-in, invite) CSRF token: a double-submit cookie
+
+
+def _with_form_token(request: Request, name: str, context: dict[str, Any], status_code: int) -> HTMLResponse:
+    token = request.cookies.get(FORM_COOKIE) or ""
+    if not (20 <= len(token) <= 64 and token.replace("-", "").replace("_", "").isalnum()):
+        token = secrets.token_urlsafe(24)
+    resp = render(request, name, {**context, "form_token": token}, status_code=status_code)
+    resp.set_cookie(FORM_COOKIE, token, max_age=24 * 3600, httponly=True, samesite="strict",
+                    secure=request.url.scheme == "https", path="/")
+    return resp
+
+
+def check_form_token(request: Request, form: dict[str, str]) -> bool:
+    """An anonymous form came from our page: its hidden field matches the cookie set with the page."""
+    cookie = request.cookies.get(FORM_COOKIE, "")
+    return bool(cookie) and hmac.compare_digest(cookie, form.get("form_token", ""))
+
+
+def check_csrf(request: Request, form: dict[str, str]) -> bool:
+    """A signed-in user's form (field csrf_token) or script (X-CSRF-Token header) came from our page."""
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    sent = request.headers.get("x-csrf-token", "") or form.get("csrf_token", "")
+    return bool(cookie) and hmac.compare_digest(sent, csrf_token_for(cookie))
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """A small urlencoded or multipart form's text fields (files are refused: these forms have none)."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        return {}
+    form = await request.form(max_files=0, max_fields=30)
+    try:
+        return {k: v for k, v in form.items() if isinstance(v, str)}
+    finally:
+        await form.close()
+
+
+def sign_in_page(request: Request, status_code: int = 401, error: bool = False, message: str | None = None,
+                 username: str | None = None, next: str = "/") -> HTMLResponse:
+    settings = request.app.state.settings
+    return _with_form_token(request, "login.html", {
+        "error": "link" if error else None, "message": message, "username": username, "next": next,
+        "oidc_name": settings.oidc_name if settings.oidc_enabled else None}, status_code)
+
+
+def invite_form(request: Request, invitee: User | None, token: str, status_code: int = 200,
+                problems: list[str] | None = None) -> HTMLResponse:
+    from app.services.passwords import MIN_LENGTH
+
+    return _with_form_token(request, "invite.html", {"invitee": invitee, "token": token, "problems": problems,
+                                                     "min_length": MIN_LENGTH}, status_code)
 
 
 def error_page(request: Request, status_code: int, title: str, message: str,

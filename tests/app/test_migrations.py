@@ -14,7 +14,8 @@ from support.db import db_url  # noqa: F401  (the parametrized sqlite/postgres f
 from app.db.migrate import ROOT, run_migrations
 from app.db.models import Base
 
-TABLES = {"users", "api_tokens", "datasets", "jobs", "epoch_metrics", "job_events", "artifacts"}
+TABLES = {"users", "api_tokens", "datasets", "jobs", "epoch_metrics", "job_events", "artifacts", "workspaces",
+          "memberships", "sign_in_failures"}
 
 
 def alembic_config(url: str) -> Config:

@@ -39,11 +39,12 @@ from app.core.settings import Settings
 from app.db.migrate import run_migrations
 from app.db.models import ApiToken, Artifact, Base, Dataset, Job, JobEvent
 from app.main import create_app
-from app.services import auth
+from app.services import auth, passwords
 from app.web.routes import router as web_router
 
 CANARY = "canary-7f3a91"  # alice's dataset name: must never show up in an answer to anyone else
 PUBLIC = {"/healthz", "/login", "/docs", "/openapi.json", "/favicon.ico"}  # and /static/*: no user data
+ANONYMOUS_FORMS = {("POST", "/login"), ("POST", "/invite")}  # protected by their own form token, not a session
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -85,6 +86,9 @@ class World:
     spare_ds: int  # alice's dataset without jobs (deletable)
     queued: int
     done: int  # succeeded, with every artifact and one mistake
+    ws: int = 0  # alice's personal workspace
+    alice_id: int = 0
+    alice_token_id: int = 0  # the id of alice's API token (the tokens page revokes by id)
 
     def sessions(self):
         return self.app.state.sessions()
@@ -155,7 +159,10 @@ def build_world(db: str, tmp_path: Path, **overrides) -> World:
     queued, done = job().json()["id"], job().json()["id"]
     with app.state.sessions() as s:
         _succeed(settings, s, done, s.get(Dataset, ds))
-    return World(settings, app, client, alice, bob, alice_token, ds, spare, queued, done)
+        ws = s.get(Dataset, ds).workspace_id
+        alice_id = auth.get_user(s, "alice").id
+        token_id = s.scalar(select(ApiToken.id).where(ApiToken.token_hash == auth.hash_token(alice_token)))
+    return World(settings, app, client, alice, bob, alice_token, ds, spare, queued, done, ws, alice_id, token_id)
 
 
 @pytest.fixture
@@ -178,7 +185,9 @@ def fill(path: str, w: World) -> str:
     """A path template with alice's real ids."""
     job = w.done
     return (path.replace("{dataset_id}", str(w.ds)).replace("{job_id}", str(job))
-            .replace("{class_index}", "0").replace("{n}", "0"))
+            .replace("{class_index}", "0").replace("{n}", "0").replace("{workspace_id}", str(w.ws))
+            .replace("{user_id}", str(w.alice_id)).replace("{action}", "disable")
+            .replace("{token_id}", str(w.alice_token_id)))
 
 
 def request_kwargs(method: str, path: str, w: World) -> dict:
@@ -189,6 +198,16 @@ def request_kwargs(method: str, path: str, w: World) -> dict:
         return {"json": {"dataset_id": w.ds, "epochs": 2}}
     if (method, path) == ("POST", "/api/v1/jobs/{job_id}/predict"):
         return {"files": [("files", ("a.jpg", _jpeg(), "image/jpeg"))]}
+    if (method, path) == ("POST", "/api/v1/workspaces"):
+        return {"json": {"name": "shared"}}
+    if (method, path) == ("POST", "/api/v1/workspaces/{workspace_id}/members"):
+        return {"json": {"username": "bob", "role": "viewer"}}
+    forms = {"/workspaces": {"name": "shared"}, "/workspaces/switch": {"workspace_id": str(w.ws)},
+             "/workspaces/{workspace_id}/members": {"username": "bob", "role": "viewer"},
+             "/admin/users": {"name": "mallory"}, "/settings/tokens": {"name": "new"},
+             "/login": {"username": "alice", "password": "x" * 12}, "/invite": {"token": "graft_x"}}
+    if method == "POST" and path in forms:
+        return {"data": forms[path]}
     return {}
 
 
@@ -362,14 +381,14 @@ def test_session_cookie_attributes(world):
 
 
 def _unsafe_routes(app) -> list[tuple[str, str]]:
-    return [(m, p) for m, p in routes(app) if m in UNSAFE]
+    return [(m, p) for m, p in routes(app) if m in UNSAFE and (m, p) not in ANONYMOUS_FORMS]
 
 
 def _write(w: World, method: str, path: str, client: TestClient, headers: dict) -> object:
     """Send the state-changing request, aimed at objects it would really change."""
     job = w.queued if path.endswith("/cancel") else w.done
     ds = w.ds if path.endswith("/probe") else w.spare_ds  # spare_ds is deleted by a later write
-    target = path.replace("{dataset_id}", str(ds)).replace("{job_id}", str(job))
+    target = fill(path.replace("{dataset_id}", str(ds)).replace("{job_id}", str(job)), w)
     return client.request(method, target, headers=headers, follow_redirects=False,
                           **request_kwargs(method, path, w))
 
@@ -380,6 +399,13 @@ EXPECTED_WRITES = {("POST", "/api/v1/datasets"): 201, ("POST", "/api/v1/jobs"): 
                    ("POST", "/api/v1/jobs/{job_id}/cancel"): 200,
                    ("POST", "/api/v1/jobs/{job_id}/predict"): 503,  # no inference service here: past auth
                    ("DELETE", "/api/v1/datasets/{dataset_id}"): 204, ("DELETE", "/api/v1/jobs/{job_id}"): 204,
+                   # alice is no admin, and her workspace is personal: refused past the CSRF check
+                   ("POST", "/api/v1/workspaces"): 403, ("POST", "/api/v1/workspaces/{workspace_id}/members"): 409,
+                   ("DELETE", "/api/v1/workspaces/{workspace_id}/members/{user_id}"): 409,
+                   ("POST", "/workspaces"): 403, ("POST", "/workspaces/switch"): 303,
+                   ("POST", "/workspaces/{workspace_id}/members"): 409, ("POST", "/admin/users"): 403,
+                   ("POST", "/admin/users/{user_id}/{action}"): 403, ("POST", "/settings/tokens"): 201,
+                   ("POST", "/settings/tokens/{token_id}/revoke"): 303,
                    ("POST", "/logout"): 303}
 
 
@@ -411,7 +437,7 @@ def test_every_write_with_a_cookie_session_needs_the_csrf_token(world):
 
 def test_bearer_requests_need_no_csrf_token(world):
     for method, path in EXPECTED_WRITES:
-        if path == "/logout":
+        if not path.startswith("/api/"):  # pages take no bearer tokens
             continue
         r = _write(world, method, path, world.client, world.alice)
         assert r.status_code == EXPECTED_WRITES[(method, path)], (method, path, r.status_code, r.text[:300])
@@ -691,7 +717,8 @@ def test_sign_in_links_are_one_time_and_expire(world):
         fresh = TestClient(world.app)
         r = fresh.get(f"/login?token={token}", follow_redirects=False)
         assert r.status_code == 401 and "does not work" in r.text
-        assert "set-cookie" not in r.headers and deps.SESSION_COOKIE not in fresh.cookies
+        # (the page's sign-in form sets its own form-token cookie; never a session)
+        assert deps.SESSION_COOKIE not in r.headers.get("set-cookie", "") and deps.SESSION_COOKIE not in fresh.cookies
     with world.sessions() as s:  # spent: the row is gone; the expired one never became a session
         assert s.scalar(select(ApiToken).where(ApiToken.token_hash == auth.hash_token(link))) is None
         assert s.scalar(select(func.count()).select_from(ApiToken).where(ApiToken.kind == "session")) == 1
@@ -728,3 +755,86 @@ def test_a_revoked_token_stops_working(world):
     r = world.client.get("/api/v1/datasets", headers=headers)
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
     assert world.client.get("/api/v1/datasets", headers=world.alice).status_code == 200  # others unaffected
+
+
+# ---------------------------------------------------------------- anonymous forms and workspace roles
+
+
+def test_anonymous_forms_need_their_form_token_and_change_nothing(world):
+    """The sign-in and invite forms carry no session: a post without the token of the page (a cross-site
+    form) is refused and signs nobody in, even with the right password."""
+    with world.sessions() as s:
+        alice = auth.get_user(s, "alice")
+        alice.password_hash = passwords.hash_password("a long passphrase")
+        s.commit()
+    before = world.snapshot()
+    for method, path in ANONYMOUS_FORMS:
+        data = {"username": "alice", "password": "a long passphrase", "password_confirm": "a long passphrase",
+                "token": "graft_x", "form_token": "forged-form-token-0123456789"}
+        c = TestClient(world.app)
+        r = c.request(method, path, data=data, follow_redirects=False)
+        assert r.status_code in (400, 401), (path, r.status_code)
+        assert deps.SESSION_COOKIE not in c.cookies
+    assert world.snapshot() == before
+
+
+def test_a_viewer_reads_and_cannot_write_and_outsiders_see_nothing(db_url, tmp_path):  # noqa: F811
+    """alice's data moved into a shared workspace where bob is a viewer and carol is not a member: every route
+    that reads answers bob, every route that changes a dataset or job answers him 403 with what his role
+    allows (predicting is reading), and carol gets 404 on every route, as before."""
+    from app.db.models import Membership, Role, Workspace
+
+    w = build_world(db_url, tmp_path)
+    with w.sessions() as s:
+        shared = Workspace(name="team")
+        s.add(shared)
+        s.flush()
+        bob = auth.get_user(s, "bob")
+        s.add_all([Membership(workspace_id=shared.id, user_id=auth.get_user(s, "alice").id, role=Role.owner.value),
+                   Membership(workspace_id=shared.id, user_id=bob.id, role=Role.viewer.value)])
+        s.execute(update(Dataset).values(workspace_id=shared.id))
+        s.execute(update(Job).values(workspace_id=shared.id))
+        carol, _ = _user(s, "carol")
+        s.commit()
+    before = w.snapshot()
+    reads = writes = 0
+    for method, path in routes(w.app):
+        if not path.startswith("/api/v1/") or not re.search(r"\{(dataset_id|job_id)\}", path):
+            continue
+        url = fill(path, w)
+        r = w.client.request(method, url, headers=w.bob, **request_kwargs(method, path, w))
+        if method in UNSAFE and not path.endswith("/predict"):
+            assert r.status_code == 403, (method, url, r.status_code, r.text[:300])
+            err = r.json()["error"]
+            assert err["code"] == "forbidden" and "viewer" in err["message"] and "editor" in err["message"], err
+            writes += 1
+        else:
+            # (a 404 may only say that the thing does not exist yet, e.g. no backbone comparison)
+            hidden = r.status_code == 404 and "not found" in r.json()["error"]["message"]
+            assert r.status_code != 403 and not hidden, (method, url, r.status_code, r.text[:300])
+            reads += 1
+        r = w.client.request(method, url, headers=carol, **request_kwargs(method, path, w))
+        assert r.status_code == 404, (method, url, r.status_code)
+        assert CANARY not in r.text
+    assert reads >= 8 and writes >= 4, (reads, writes)
+    # a new job on the shared dataset, an upload into the workspace: refused for the viewer
+    r = w.client.post("/api/v1/jobs", headers=w.bob, json={"dataset_id": w.ds})
+    assert r.status_code == 403
+    r = w.client.post("/api/v1/datasets", headers=w.bob, data={"name": "x", "workspace_id": str(shared.id)},
+                      files={"file": ("d.zip", _zip(), "application/zip")})
+    assert r.status_code == 403 and "uploading a dataset" in r.json()["error"]["message"]
+    r = w.client.post("/api/v1/datasets", headers=carol, data={"name": "x", "workspace_id": str(shared.id)},
+                      files={"file": ("d.zip", _zip(), "application/zip")})
+    assert r.status_code == 404
+    assert w.snapshot() == before
+    # lists: bob sees the shared data, carol nothing
+    assert {d["id"] for d in w.client.get("/api/v1/datasets", headers=w.bob).json()} == {w.ds, w.spare_ds}
+    assert w.client.get("/api/v1/datasets", headers=carol).json() == []
+    assert [x["id"] for x in w.client.get("/api/v1/workspaces", headers=carol).json()] != [shared.id]
+    # made an editor, bob may train
+    with w.sessions() as s:
+        s.execute(update(Membership).where(Membership.user_id == bob.id, Membership.workspace_id == shared.id)
+                  .values(role=Role.editor.value))
+        s.commit()
+    r = w.client.post("/api/v1/jobs", headers=w.bob, json={"dataset_id": w.ds, "epochs": 2})
+    assert r.status_code == 201 and r.json()["workspace_id"] == shared.id

@@ -81,7 +81,7 @@ def test_serve_prints_a_sign_in_link_and_stops_cleanly(tmp_path, sig):
         workers = _children(proc.pid)
         assert workers, "no worker child process"
         proc.send_signal(sig)
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == 0, log.read_text()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(_alive(w) for w in workers):
             time.sleep(0.2)
@@ -92,3 +92,92 @@ def test_serve_prints_a_sign_in_link_and_stops_cleanly(tmp_path, sig):
             proc.kill()
         for w in _children(proc.pid):
             os.kill(w, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_starts_quietly_and_a_signal_stops_it_with_status_0(tmp_path, sig):
+    """The start-up output: the link block, one line per process, where the logs are; no Celery banner nor
+    warnings (they go to <data_dir>/logs/worker.log). SIGINT (Ctrl-C) or SIGTERM: every child stops, status 0."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
+    env.update(GRAFT_DATA_DIR=str(tmp_path / "data"), GRAFT_OFFLINE="1", PYTHONUNBUFFERED="1")
+    log = tmp_path / "serve.log"
+    logs = tmp_path / "data" / "logs"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(GRAFT), "serve", "--port", str(port)], env=env, cwd=tmp_path,
+                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        while not re.search(r"graft-\d+@", (logs / "worker.log").read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the worker has printed its banner (into its log)
+        time.sleep(1)  # and what it prints after it (warnings), were it to print them here
+        out = log.read_text()
+        assert "celery@" not in out and " -------------- " not in out and "Warning" not in out, out
+        lines = out.splitlines()
+        assert lines.count(f"web  http://127.0.0.1:{port}") == 1, out
+        assert len([ln for ln in lines if re.fullmatch(r"worker  pid \d+", ln)]) == 1, out
+        assert len([ln for ln in lines if re.fullmatch(r"inference  pid \d+ on 127\.0\.0\.1:\d+", ln)]) == 1, out
+        assert f"logs  {logs} (worker.log, inference.log)" in lines, out
+        pids = {int(m) for m in re.findall(r"^(?:worker|inference)  pid (\d+)", out, re.M)}
+        kids = _children(proc.pid)
+        assert pids == set(kids), (pids, kids)
+        assert re.search(r"graft-\d+@", (logs / "worker.log").read_text())  # the banner went there
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(k) for k in kids):
+            time.sleep(0.2)
+        assert not any(_alive(k) for k in kids), "a child outlived graft serve"
+        out = log.read_text()
+        assert out.rstrip().endswith("Graft stopped.") and "Traceback" not in out and "Aborted" not in out, out
+        assert "exited" not in out, out  # stopping is not a crash: nothing was started again
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for k in _children(proc.pid):
+            os.kill(k, signal.SIGKILL)
+
+
+def test_web_runs_the_web_app_alone_in_several_processes(tmp_path):
+    """`graft web` (production, next to `graft worker` and `graft inference`): after `graft migrate`, the web
+    app in N processes on one port; SIGTERM stops them all, status 0."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
+    env.update(GRAFT_DATA_DIR=str(tmp_path / "data"), GRAFT_OFFLINE="1", PYTHONUNBUFFERED="1")
+    subprocess.run([str(GRAFT), "migrate"], env=env, cwd=tmp_path, check=True, capture_output=True)
+    log = tmp_path / "web.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(GRAFT), "web", "--port", str(port), "--workers", "2"], env=env, cwd=tmp_path,
+                                stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/login", timeout=5).status_code == 200
+        kids = _children(proc.pid)
+        assert len([k for k in kids if _alive(k)]) >= 2, kids  # the web processes (and uvicorn's helpers)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(k) for k in kids):
+            time.sleep(0.2)
+        assert not any(_alive(k) for k in kids), "a web process outlived graft web"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for k in _children(proc.pid):
+            os.kill(k, signal.SIGKILL)

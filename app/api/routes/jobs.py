@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
 from app.api.schemas import EpochMetricOut, EvaluationOut, JobCreate, JobOut, MistakeOut, PredictOut, errors
 from app.core.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
+from app.core.settings import Settings
 from app.db.models import FINAL_STATUSES, MAX_ID, EpochMetric, Job, JobEvent, JobKind, JobStatus
 from app.services import access
 from app.services import jobs as service
@@ -30,30 +31,40 @@ SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 
 
-@router.post("", status_code=201, response_model=JobOut, responses=errors(400, 404, 413, 503))
+def _out(job: Job, settings: Settings) -> JobOut:
+    """The API view of a job row, with what the row alone does not say (a running job whose worker is lost)."""
+    stale, note = service.staleness(job, settings)
+    return JobOut.model_validate(job).model_copy(update={"stale": stale, "status_note": note})
+
+
+@router.post("", status_code=201, response_model=JobOut, responses=errors(400, 403, 404, 413, 503))
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     """Queue a training job. Every parameter but dataset_id has a default (see RunSpec)."""
-    spec = RunSpec(**body.model_dump(exclude={"dataset_id"}))
-    return JobOut.model_validate(service.create(session, settings, user, body.dataset_id, spec))
+    spec = RunSpec(**body.model_dump(exclude={"dataset_id", "workspace_id"}))
+    return _out(service.create(session, settings, user, body.dataset_id, spec, body.workspace_id), settings)
 
 
 @router.get("", response_model=list[JobOut])
-def list_jobs(session: SessionDep, user: CurrentUser, status: str | None = None,
-              dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None):
+def list_jobs(session: SessionDep, settings: SettingsDep, user: CurrentUser, status: str | None = None,
+              dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+              workspace_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None):
+    """The jobs of every workspace you are a member of (or of one: `workspace_id`), newest first."""
     q = select(Job).where(access.visible_to(Job, user))
+    if workspace_id is not None:
+        q = q.where(Job.workspace_id == workspace_id)
     if status:
         q = q.where(Job.status == status)
     if dataset_id is not None:
         q = q.where(Job.dataset_id == dataset_id)
-    return [JobOut.model_validate(j) for j in session.scalars(q.order_by(Job.id.desc()))]
+    return [_out(j, settings) for j in session.scalars(q.order_by(Job.id.desc()))]
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=errors(404))
-def get_job(job_id: int, session: SessionDep, user: CurrentUser):
-    return JobOut.model_validate(service.get_owned(session, user, job_id))
+def get_job(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
+    return _out(service.get_owned(session, user, job_id), settings)
 
 
-@router.delete("/{job_id}", status_code=204, responses=errors(404, 409))
+@router.delete("/{job_id}", status_code=204, responses=errors(403, 404, 409))
 def delete_job(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     """Delete a finished job with its files."""
     service.delete(session, settings, user, job_id)
@@ -67,11 +78,11 @@ def job_metrics(job_id: int, session: SessionDep, user: CurrentUser):
     return [EpochMetricOut.model_validate(r) for r in rows]
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(404, 409))
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(403, 404, 409))
 def cancel_job(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     """Queued jobs are cancelled at once; running ones stop within a few seconds (at once if their worker
     stopped responding)."""
-    return JobOut.model_validate(service.cancel(session, user, job_id, settings))
+    return _out(service.cancel(session, user, job_id, settings), settings)
 
 
 def _artifact_file(settings, art) -> Path:
@@ -186,10 +197,11 @@ async def predict(job_id: int, request: Request, session: SessionDep, settings: 
     return PredictOut.model_validate({"job_id": job_id, "results": body["results"]})
 
 
-def _snapshot(job: Job) -> dict:
+def _snapshot(job: Job, settings: Settings) -> dict:
+    stale, note = service.staleness(job, settings)
     return {"status": job.status, "progress": job.progress, "stage": job.stage, "current_epoch": job.current_epoch,
             "total_epochs": job.total_epochs, "eta_seconds": job.eta_seconds, "best_val_acc": job.best_val_acc,
-            "error": job.error}
+            "error": job.error, "stale": stale, "status_note": note}
 
 
 class _Feed:
@@ -198,8 +210,8 @@ class _Feed:
 
     BATCH = 500
 
-    def __init__(self, sessions, job_id: int):
-        self.sessions, self.job_id = sessions, job_id
+    def __init__(self, sessions, job_id: int, settings: Settings):
+        self.sessions, self.job_id, self.settings = sessions, job_id, settings
         self.rows: list[tuple[int, str, dict]] = []  # the job's stored events so far, in id order
         self.snap: dict = {}
         self.more = True  # the last poll stopped at BATCH rows: more are waiting
@@ -213,7 +225,7 @@ class _Feed:
                              .where(JobEvent.job_id == self.job_id, JobEvent.id > after_id)
                              .order_by(JobEvent.id).limit(self.BATCH)).all()
             j = s.get(Job, self.job_id)
-            return [tuple(r) for r in rows], (_snapshot(j) if j else {"status": "deleted"})
+            return [tuple(r) for r in rows], (_snapshot(j, self.settings) if j else {"status": "deleted"})
 
     async def refresh(self) -> None:
         async with self._lock:  # the clients that wait here get the result of the poll under way
@@ -250,7 +262,8 @@ async def job_events(job_id: int, request: Request, session: SessionDep, user: C
     feeds = _feeds(request.app)
 
     async def stream() -> AsyncIterator[str]:
-        feed = feeds.get(job_id) or feeds.setdefault(job_id, _Feed(request.app.state.sessions, job_id))
+        feed = feeds.get(job_id) or feeds.setdefault(job_id, _Feed(request.app.state.sessions, job_id,
+                                                                        request.app.state.settings))
         feed.clients += 1
         try:
             last_id, last_snap, idle = after, None, 0.0

@@ -1,0 +1,57 @@
+"""Helpers for tests that use the web app in-process: the page's CSRF token, the forms' hidden tokens, a
+tiny dataset zip, and an app on a real database."""
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from support.paths import HYMENOPTERA
+
+
+def csrf_of(html: str) -> str:
+    """The signed-in page's CSRF token (the meta tag every page carries)."""
+    m = re.search(r'<meta name="csrf-token" content="([^"]*)"', html)
+    assert m, "no csrf-token meta tag"
+    return m.group(1)
+
+
+def field_of(html: str, name: str) -> str:
+    """The value of a form's hidden input `name`."""
+    m = re.search(rf'<input type="hidden" name="{re.escape(name)}" value="([^"]*)"', html)
+    assert m, f"no hidden field {name}"
+    return m.group(1)
+
+
+def dataset_zip(per_class: dict[str, int]) -> bytes:
+    """hymenoptera/{train,val}/{ants,bees} with the first n images of each class."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for split, n in per_class.items():
+            for cls in ("ants", "bees"):
+                for f in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
+                    zf.write(f, f"hymenoptera/{split}/{cls}/{f.name}")
+    return buf.getvalue()
+
+
+def make_app(data_dir: Path, db_url: str, **overrides):
+    """The web app on `db_url` (migrated) with its data under `data_dir`."""
+    from app.core.settings import Settings
+    from app.db.migrate import run_migrations
+    from app.main import create_app
+
+    settings = Settings(data_dir=data_dir, database_url=db_url, **overrides)
+    settings.ensure_dirs()
+    run_migrations(settings.db_url)
+    return create_app(settings), settings
+
+
+def sign_in_with_password(client: TestClient, username: str, password: str, follow: bool = False):
+    """The sign-in form as a browser sends it: the page first (its form token), then the post."""
+    page = client.get("/login")
+    return client.post("/login", data={"username": username, "password": password,
+                                       "form_token": field_of(page.text, "form_token"), "next": "/"},
+                       follow_redirects=follow)

@@ -25,6 +25,10 @@ chromium:
 test: setup chromium
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	@# the single sign-on tests start a real OpenID provider (tests/support/oidc, npm package oidc-provider)
+	@test -d tests/support/oidc/node_modules/oidc-provider || { command -v npm >/dev/null && \
+	  (cd tests/support/oidc && npm ci --no-audit --no-fund >/dev/null); } || \
+	  echo "warning: npm is missing or failed: the single sign-on tests will not run"
 	$(BIN)/pytest -q
 
 run: setup

@@ -305,6 +305,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     s, S = _sessions()
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     origin = s.public_url if os.environ.get("GRAFT_PUBLIC_URL") else f"http://{shown}:{port}"
+    if not os.environ.get("GRAFT_PUBLIC_URL"):  # invite links made by the app point at this server
+        os.environ["GRAFT_PUBLIC_URL"] = origin
+        from app.core.settings import get_settings
+
+        get_settings.cache_clear()
     with S() as db:
         user = auth.ensure_user(db, s.default_user, admin=True)
         if not user.is_admin:  # the default user is always an admin

@@ -112,6 +112,8 @@
     const data = new FormData();
     const name = nameInput.value.trim();
     if (name) data.append("name", name);
+    const ws = document.getElementById("ds-workspace");
+    if (ws && ws.value) data.append("workspace_id", ws.value);
     if (zip) data.append("file", zip, zip.name);
     else files.forEach((x) => data.append("files", x.file, x.path));
 

@@ -8,10 +8,10 @@ from sqlalchemy import select
 from app.api.deps import SessionDep, SettingsDep
 from app.core.errors import NotFound, Unauthorized
 from app.db.models import Job
-from app.services import access, thumbs
+from app.services import access, thumbs, workspaces
 from app.services import datasets as dataset_service
 from app.web import probe as probe_pages
-from app.web.render import PageUser, SignedIn, _not_found, page_id, page_object, render
+from app.web.render import PageUser, SignedIn, _not_found, current_workspace, page_id, page_object, render
 from domain.advice import STRATEGIES
 
 router = APIRouter(include_in_schema=False)
@@ -19,9 +19,12 @@ SAMPLES_PER_CLASS = 4
 
 
 @router.get("/datasets/new")
-def dataset_new(request: Request, settings: SettingsDep, user: SignedIn):
-    return render(request, "dataset_new.html", {"nav": "upload", "max_upload_bytes": settings.max_upload_bytes},
-                  user=user)
+def dataset_new(request: Request, session: SessionDep, settings: SettingsDep, user: SignedIn):
+    """The upload page: into a workspace where the user may upload (the current one when they may)."""
+    current, _ = current_workspace(request, session, user)
+    targets = [w for w, r in workspaces.mine(session, user) if access.allows(r, access.EDIT)]
+    return render(request, "dataset_new.html", {"nav": "upload", "max_upload_bytes": settings.max_upload_bytes,
+                                                "targets": targets, "current_id": current.id}, user=user)
 
 
 @router.get("/datasets/{dataset_id}")
@@ -39,7 +42,8 @@ def dataset_page(dataset_id: str, request: Request, session: SessionDep, user: S
     return render(request, "dataset.html", {
         "nav": "dataset", "ds": ds, "rows": rows, "largest": largest, "jobs": jobs,
         "train_total": sum(r["train"] for r in rows), "val_total": sum(r["val"] for r in rows),
-        "strategies": STRATEGIES, **probe_pages.dataset_context(session, user, ds)}, user=user)
+        "strategies": STRATEGIES, **probe_pages.dataset_context(session, user, ds),
+        "can_edit": access.allows(access.role_of(session, user, ds.workspace_id), access.EDIT)}, user=user)
 
 
 @router.get("/datasets/{dataset_id}/samples/{class_index}/{n}.jpg")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.web import account, compare, dashboard, datasets, jobs, team
+from app.web import account, compare, dashboard, datasets, jobs, oidc, team
 
 router = APIRouter(include_in_schema=False)
-for _module in (account, dashboard, datasets, jobs, compare, team):
+for _module in (account, oidc, dashboard, datasets, jobs, compare, team):
     router.routes.extend(_module.router.routes)  # the routes themselves: `router.routes` lists every page

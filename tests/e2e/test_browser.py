@@ -99,7 +99,7 @@ def server(tmp_path_factory):
     try:
         while time.monotonic() < deadline:
             if url is None:
-                m = re.search(r"(http://127\.0\.0\.1:\d+/login\?token=\S+)", log.read_text())
+                m = re.search(r"(http://127\.0\.0\.1:\d+/(?:invite|login)\?token=\S+)", log.read_text())
                 url = m.group(1) if m else None
             if proc.poll() is not None:
                 pytest.fail("graft serve exited early:\n" + log.read_text())
@@ -288,15 +288,40 @@ def folders(tmp_path_factory):
     return {"picked": picked, "dropped": dropped, "leak": leak.name}
 
 
-def test_01_sign_in_with_the_printed_link(browser_session):
+PASSWORD = "a quiet meadow at dawn"
+
+
+def test_01_set_the_password_with_the_printed_invite_and_sign_in(browser_session):
+    """The first `graft serve` prints the admin's invite link: set a password, land on the dashboard; sign out
+    and in again with that password."""
     s = browser_session
     page = s["page"]
+    assert "/invite?token=" in s["server"]["sign_in"], s["server"]["sign_in"]
     page.goto(s["server"]["sign_in"])
+    assert page.locator("h1").inner_text().startswith("Welcome to Graft")
+    shot(s, "01a-invite")
+    page.fill("input[name=password]", "too short")
+    page.fill("input[name=password_confirm]", "too short")
+    page.evaluate("document.getElementById('invite-form').noValidate = true")  # the server's rules, not the browser's
+    s["watch"].expect("POST", r"/invite$")
+    page.locator("#invite-form button[type=submit]").click()
+    assert "at least 12 characters" in page.locator("#invite-errors").inner_text()
+    page.fill("input[name=password]", PASSWORD)
+    page.fill("input[name=password_confirm]", PASSWORD)
+    page.locator("#invite-form button[type=submit]").click()
     page.wait_for_url(s["server"]["base"] + "/")
     assert page.locator("h1").inner_text() == "Dashboard"
     assert "No jobs yet" in page.locator("main").inner_text()
     assert "No datasets yet" in page.locator("main").inner_text()
-    shot(s, "01-dashboard-empty")
+    shot(s, "01b-dashboard-empty")
+    # sign out, then in with the password
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url("**/login")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", PASSWORD)
+    page.locator("#login-form button[type=submit]").click()
+    page.wait_for_url(s["server"]["base"] + "/")
+    assert page.locator("h1").inner_text() == "Dashboard"
     check_page(s)
 
 
@@ -493,4 +518,92 @@ def test_08_a_bad_zip_gets_a_clear_error(browser_session):
     assert "notes" not in body and "broken" not in body  # nothing half-written
     assert page.locator("text=ants-and-bees").count() >= 1
     shot(s, "08c-dashboard-with-jobs")
+    check_page(s)
+
+
+def test_09_an_api_token_made_in_the_browser_works_until_revoked(browser_session):
+    import httpx
+
+    s = browser_session
+    page = s["page"]
+    base = s["server"]["base"]
+    page.goto("/")
+    page.locator(".signout a[href=\"/settings/tokens\"]").click()  # the user name in the top bar: tokens page
+    page.wait_for_url("**/settings/tokens")
+    assert "this browser" in page.locator("#sessions").inner_text()
+    page.fill("#token-form input[name=name]", "nightly script")
+    page.locator("#token-form button[type=submit]").click()
+    token = page.locator("#token-value").inner_text().strip()
+    assert token.startswith("graft_")
+    shot(s, "09a-token-created")
+    api = {"Authorization": f"Bearer {token}"}
+    r = httpx.get(f"{base}/api/v1/datasets", headers=api, timeout=10)
+    assert r.status_code == 200 and any(d["name"] == "ants-and-bees" for d in r.json())
+    page.goto("/settings/tokens")
+    assert token not in page.content()  # shown once
+    page.locator('tr[data-token="nightly script"] button', has_text="Revoke").click()
+    page.wait_for_url("**/settings/tokens")
+    assert page.locator('tr[data-token="nightly script"]').count() == 0
+    assert httpx.get(f"{base}/api/v1/datasets", headers=api, timeout=10).status_code == 401
+    check_page(s)
+
+
+def test_10_the_admin_invites_a_viewer_who_reads_but_cannot_delete(browser_session):
+    """Users page -> invite link -> a second browser sets its password; the admin shares a workspace with
+    the new user as a viewer, who sees its dataset and gets a clear refusal when deleting it."""
+    import httpx
+
+    s = browser_session
+    page = s["page"]
+    base = s["server"]["base"]
+    page.goto("/admin/users")
+    page.fill("#invite-form input[name=name]", "vera")
+    page.locator("#invite-form button[type=submit]").click()
+    link = page.locator("#invite-url").inner_text().strip()
+    assert "/invite?token=" in link
+    shot(s, "10a-invited")
+    page.goto("/workspaces")
+    page.fill("#workspace-form input[name=name]", "lab")
+    page.locator("#workspace-form button[type=submit]").click()
+    page.wait_for_url("**/workspaces/*")
+    page.select_option("#member-form select[name=username]", "vera")
+    page.select_option("#member-form select[name=role]", "viewer")
+    page.locator("#member-form button[type=submit]").click()
+    assert page.locator('#members tr[data-user="vera"]').count() == 1
+    wid = page.url.rstrip("/").rsplit("/", 1)[1]
+    # the admin's dataset goes into the shared workspace through the API (a token of the admin's)
+    page.goto("/settings/tokens")
+    page.fill("#token-form input[name=name]", "setup")
+    page.locator("#token-form button[type=submit]").click()
+    admin = {"Authorization": f"Bearer {page.locator('#token-value').inner_text().strip()}"}
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        for split, n in (("train", 3), ("val", 2)):
+            for cls in ("ants", "bees"):
+                for f in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
+                    z.write(f, f"lab/{split}/{cls}/{f.name}")
+    r = httpx.post(f"{base}/api/v1/datasets", headers=admin, data={"name": "lab images", "workspace_id": wid},
+                   files={"file": ("lab.zip", zbuf.getvalue(), "application/zip")}, timeout=120)
+    assert r.status_code == 201, r.text
+    did = r.json()["id"]
+    # vera, in her own browser
+    context = page.context.browser.new_context(viewport={"width": 1280, "height": 900}, base_url=base)
+    try:
+        vera = context.new_page()
+        vera.goto(link)
+        vera.fill("input[name=password]", "vera's own long passphrase")
+        vera.fill("input[name=password_confirm]", "vera's own long passphrase")
+        vera.locator("#invite-form button[type=submit]").click()
+        vera.wait_for_url(base + "/")
+        with vera.expect_navigation():  # the switcher submits itself
+            vera.select_option("#ws-select", wid)
+        assert "lab images" in vera.locator("main").inner_text()
+        vera.goto(f"/datasets/{did}")
+        assert vera.locator("h1").inner_text().startswith("lab images")
+        csrf = vera.locator('meta[name="csrf-token"]').get_attribute("content")
+        r = vera.request.delete(f"{base}/api/v1/datasets/{did}", headers={"X-CSRF-Token": csrf})
+        assert r.status == 403 and "viewer" in r.json()["error"]["message"]
+        vera.screenshot(path=str(s["out"] / "10b-viewer-dataset.png"))
+    finally:
+        context.close()
     check_page(s)

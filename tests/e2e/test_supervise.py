@@ -4,6 +4,7 @@ new worker resumes it from its last checkpoint to success (two attempts), with n
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -168,6 +169,10 @@ def test_a_killed_worker_is_started_again_and_its_job_resumes(tmp_path: Path):
             with c.stream("GET", f"/api/v1/jobs/{jid}/events") as r:
                 text = "".join(r.iter_text())
             assert "resumed after epoch" in text and "stopped responding" in text, text
+            # re-queued once, though two reconcilers (serve's and the new worker's) were looking
+            statuses = [json.loads(block.split("data: ", 1)[1])["status"] for block in text.split("\n\n")
+                        if block.startswith("id: ") and "\nevent: status\n" in block]
+            assert statuses == ["queued", "running", "queued", "running", "succeeded"], statuses
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, dump()

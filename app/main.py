@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -11,10 +12,11 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.routes import backbones, compare, datasets, health, jobs, probe, workspaces
+from app.api.routes import backbones, compare, datasets, health, jobs, metrics, probe, workspaces
 from app.core.errors import AppError, TooManyRequests
 from app.core.settings import Settings, get_settings
 from app.db.session import session_factory
+from app.services.metrics import Metrics
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +102,10 @@ class UploadLimit:
 
         try:
             await self.app(scope, limited_receive, checked_send)
+            if limit == self.limit and received and scope.get("app") is not None:  # an upload's bytes
+                metrics = getattr(scope["app"].state, "metrics", None)
+                if metrics is not None:
+                    metrics.upload_bytes.inc(received)
         except _BodyTooLarge:
             if started:
                 raise
@@ -157,15 +163,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(500, "internal", "internal error: the server log has the details")
 
     # compare before jobs: its /api/v1/jobs/compare would otherwise match /api/v1/jobs/{job_id}
-    for r in (health.router, backbones.router, workspaces.router, datasets.router, compare.router, probe.router,
-              jobs.router):
+    for r in (health.router, metrics.router, backbones.router, workspaces.router, datasets.router, compare.router,
+              probe.router, jobs.router):
         app.include_router(r)
     from app.web.routes import router as web_router
 
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.add_middleware(UploadLimit, limit=settings.max_upload_bytes + (1 << 20))
+    app.state.metrics = Metrics(app.state.sessions, settings.heartbeat_timeout_s)
+    app.add_middleware(RequestMetrics)
     return app
+
+
+class RequestMetrics:
+    """Times every HTTP request by route template (so /api/v1/jobs/7 counts as /api/v1/jobs/{job_id})."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "other")
+            metrics = getattr(scope.get("app").state, "metrics", None) if scope.get("app") else None
+            if metrics is not None:
+                metrics.observe(scope["method"], path, status, started)
 
 
 def app_from_env() -> FastAPI:

@@ -21,6 +21,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted upload")
     max_extracted_bytes: int = Field(8 << 30, ge=1, description="Largest total size of an extracted zip")
     max_zip_entries: int = Field(200_000, ge=1)
+    max_user_upload_bytes: int = Field(20 << 30, ge=1, description="Largest total size of the resumable uploads "
+                                       "(/api/v1/uploads) one user holds at once: unfinished ones and finished "
+                                       "ones not yet made into a dataset (each one is at most max_upload_bytes)")
+    upload_expiry_s: int = Field(24 * 3600, ge=1, description="A resumable upload not written to for this long is "
+                                 "abandoned: its Upload-Expires passes and it is deleted")
+    upload_part_bytes: int = Field(100 << 20, ge=1 << 20, description="The upload page packs a picked folder "
+                                   "into zip parts of about this size, each sent as one resumable upload")
     max_zip_ratio: float = Field(200.0, gt=1, description="Largest compression ratio of a zip entry")
     max_image_pixels: int = Field(89_478_485, ge=1, description="Largest image (width x height) of an upload; "
                                   "a larger one refuses the upload as a decompression bomb (Pillow's default)")
@@ -48,6 +55,8 @@ class Settings(BaseSettings):
     oidc_client_secret: str | None = None
     oidc_auto_create: bool = Field(False, description="Create an account on a first single sign-on whose "
                                    "verified e-mail matches no user")
+    metrics_token: str | None = Field(None, description="A bearer token for Prometheus to read /metrics (admins' "
+                                      "tokens work too)")
     oidc_name: str = Field("single sign-on", description="The provider's name on the button")
 
     @field_validator("public_url", mode="after")
@@ -92,6 +101,11 @@ class Settings(BaseSettings):
     @property
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
+
+    @property
+    def tus_dir(self) -> Path:
+        """Resumable uploads (tus): <uploads_dir>/tus/<user id>/<upload id>.{bin,json}."""
+        return self.uploads_dir / "tus"
 
     @property
     def thumbs_dir(self) -> Path:

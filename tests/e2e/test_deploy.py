@@ -47,6 +47,9 @@ def test_dockerfiles_copy_what_exists_and_keep_torch_out_of_the_web_image():
             for src in line.split()[:-1]:
                 assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist"
         assert re.search(r"^CMD \[", text, re.M)
+        # every package `pip install .` installs is in the image (pyproject's packages.find)
+        copied = {line.split()[0] for line in re.findall(r"^COPY (.+)$", text, re.M)}
+        assert {"domain", "app", "worker", "cli"} <= copied, (name, copied)
     web = (ROOT / "Dockerfile.web").read_text()
     assert "pip install ." in web and "[worker]" not in web  # no torch in the web image
     assert 'pip install ".[worker]"' in (ROOT / "Dockerfile.worker").read_text()

@@ -45,37 +45,68 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_serve_prints_a_sign_in_link_and_stops_cleanly(tmp_path, sig):
-    port = _free_port()
+def _start(tmp_path, port: int):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
     env.update(GRAFT_DATA_DIR=str(tmp_path / "data"), GRAFT_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = tmp_path / "serve.log"
-    with open(log, "wb") as f:
+    log.write_bytes(b"")
+    with open(log, "ab") as f:
         proc = subprocess.Popen([str(GRAFT), "serve", "--port", str(port)], env=env, cwd=tmp_path,
                                 stdout=f, stderr=subprocess.STDOUT)
-    try:
-        url = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and url is None:
-            m = re.search(r"(http://127\.0\.0\.1:\d+/login\?token=\S+)", log.read_text())
-            if m:
-                url = m.group(1)
-            elif proc.poll() is not None:
-                pytest.fail("graft serve exited early:\n" + log.read_text())
+    return proc, log
+
+
+def _link(proc, log: Path, kind: str, port: int) -> str:
+    """The link serve printed (invite or login), once the web app answers."""
+    url = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and url is None:
+        m = re.search(rf"(http://127\.0\.0\.1:\d+/{kind}\?token=\S+)", log.read_text())
+        if m:
+            url = m.group(1)
+        elif proc.poll() is not None:
+            pytest.fail("graft serve exited early:\n" + log.read_text())
+        time.sleep(0.2)
+    assert url, log.read_text()
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
             time.sleep(0.2)
-        assert url, log.read_text()
-        base = f"http://127.0.0.1:{port}"
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        with httpx.Client(base_url=base, timeout=10) as c:
+    return url
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_prints_a_sign_in_link_and_stops_cleanly(tmp_path, sig):
+    """The first start prints the admin's invite link (it sets the password and signs in, once); a later start
+    prints a one-time sign-in link; a signal stops serve and its children, status 0."""
+    from support.web import field_of
+
+    port = _free_port()
+    proc, log = _start(tmp_path, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        url = _link(proc, log, "invite", port)
+        with httpx.Client(base_url=base, timeout=30) as c:
+            page = c.get(url.replace(base, ""))
+            assert page.status_code == 200 and 'name="password_confirm"' in page.text
+            token = url.split("token=", 1)[1]
+            r = c.post("/invite", data={"token": token, "password": "a long admin passphrase",
+                                        "password_confirm": "a long admin passphrase",
+                                        "form_token": field_of(page.text, "form_token")})
+            assert r.status_code == 303 and "graft_session" in c.cookies
+            assert c.get("/").status_code == 200  # signed in: the dashboard
+            assert httpx.get(url, timeout=10).status_code == 401  # the link works once
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        # the second start: the admin has a password, so a one-time sign-in link
+        proc, log = _start(tmp_path, port)
+        url = _link(proc, log, "login", port)
+        with httpx.Client(base_url=base, timeout=30) as c:
             r = c.get(url.replace(base, ""))
             assert r.status_code == 303 and "graft_session" in r.cookies
-            assert c.get("/").status_code == 200  # signed in: the dashboard
+            assert c.get("/").status_code == 200
             assert c.get(url.replace(base, "")).status_code == 401  # the link works once
         assert (tmp_path / "data" / "graft.db").is_file()
         workers = _children(proc.pid)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.routes import backbones, compare, datasets, health, jobs, metrics, probe, workspaces
+from app.api.routes import backbones, compare, datasets, health, jobs, metrics, probe, uploads, workspaces
 from app.core.errors import AppError, TooManyRequests
 from app.core.settings import Settings, get_settings
 from app.db.session import session_factory
@@ -130,6 +130,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def sign_in_required(request: Request, exc: SignInRequired):
         return sign_in_page(request)
 
+    from app.services.storage import StorageError
+
+    @app.exception_handler(StorageError)
+    async def _storage_error(request: Request, exc: StorageError):
+        return _error(503, "unavailable", f"{exc}: nothing was changed; try again, or check GRAFT_STORAGE_URL and "
+                      "the AWS_* settings")
+
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError):
         resp = _error(exc.status, exc.code, exc.message, exc.details)
@@ -164,7 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # compare before jobs: its /api/v1/jobs/compare would otherwise match /api/v1/jobs/{job_id}
     for r in (health.router, metrics.router, backbones.router, workspaces.router, datasets.router, compare.router,
-              probe.router, jobs.router):
+              probe.router, jobs.router, uploads.router):
         app.include_router(r)
     from app.web.routes import router as web_router
 

@@ -62,6 +62,8 @@ def train(
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default $GRAFT_CACHE_DIR, else <$GRAFT_DATA_DIR or graft-data>/cache)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+    devices: int = typer.Option(_default("devices"), min=1, max=64,
+                                help="Data-parallel on this many GPUs (CPU: processes), one process each."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line (last line of stdout)."),
 ) -> None:
     """Fine-tune a pretrained backbone on a folder of labelled images."""
@@ -75,7 +77,8 @@ def train(
                        batch_size=batch_size, image_size=image_size, augment=augment, seed=seed,
                        head_epochs=head_epochs, optimizer=optimizer, schedule=schedule,
                        patience=patience or None, label_smoothing=label_smoothing, feature_views=feature_views,
-                       val_fraction=val_fraction, max_train_images=max_train_images)
+                       val_fraction=val_fraction, max_train_images=max_train_images,
+                       devices=devices)
     except ValidationError as e:
         _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
                         for err in e.errors()))

@@ -145,7 +145,7 @@ def inference(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(80
     from worker.inference import create_inference_app
 
     s = _settings()
-    uvicorn.run(create_inference_app(s.data_dir, cache_size), host=host, port=port, log_level="warning")
+    uvicorn.run(create_inference_app(s.data_dir, cache_size, s), host=host, port=port, log_level="warning")
 
 
 def _free_port() -> int:

@@ -51,6 +51,12 @@ class RunSpec(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     mixed_precision: bool = Field(True, description="bf16/fp16 autocast on CUDA (ignored on CPU).")
     max_train_images: int | None = Field(None, ge=2, description="Use at most this many train images.")
+    devices: int = Field(
+        1, ge=1, le=64, description="Train data-parallel on this many devices (GPUs; CPU processes without one): "
+                                    "the same results as one device at the same global batch_size. A worker "
+                                    "takes the job only if it has that many (GRAFT_WORKER_DEVICES). Phases that "
+                                    "train the head on cached features run in one process."
+    )
 
     @field_validator("strategy")
     @classmethod

@@ -82,6 +82,7 @@ class Reporter(Callbacks):
         self.total_epochs = 0
         self.epochs_done = 0
         self.shown = 0.0  # the progress last written: the bar never moves backwards
+        self.checkpoint_sink: Callable[[Path, str], object] | None = None  # set by the bridge (object storage)
 
     def _forward(self, fraction: float) -> float:
         # ETA-based fractions can dip when a stage turns out slower than estimated: hold the bar instead.
@@ -114,6 +115,15 @@ class Reporter(Callbacks):
     def on_start(self, info: dict) -> None:
         self.total_epochs = info["epochs"]
         self._update(total_epochs=info["epochs"], stage="decode")
+
+    def on_checkpoint(self, path, kind: str) -> None:
+        """With object storage, the bridge sets `checkpoint_sink` to copy each checkpoint there."""
+        sink = self.checkpoint_sink
+        if sink is not None and not self.lost:
+            try:
+                sink(path, kind)
+            except Exception as e:  # a checkpoint that did not reach storage must not stop the run
+                log.warning("job %s: could not store checkpoint %s: %s", self.job_id, path, e)
 
     def on_message(self, message: str) -> None:
         with self.S() as s:

@@ -10,10 +10,14 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+
+from app.services import storage
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,11 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": "inference", "message": message}}, status_code=status)
 
 
-def create_inference_app(data_dir: Path, cache_size: int = 4) -> FastAPI:
+def create_inference_app(data_dir: Path, cache_size: int = 4, settings: Any = None) -> FastAPI:
+    """`model` in a request is the model's storage key (Artifact.path): a file under `data_dir`, or, with
+    `settings` naming object storage, fetched once into this process's scratch copies."""
     data_dir = Path(data_dir).resolve()
+    st = storage.for_settings(settings) if settings is not None else None
     cache = ModelCache(cache_size)
     app = FastAPI(title="Graft inference", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -63,16 +70,27 @@ def create_inference_app(data_dir: Path, cache_size: int = 4) -> FastAPI:
             model = form.get("model")
             if not isinstance(model, str):
                 return _error(400, "field 'model' (the model file's path under the data directory) is missing")
-            path = (data_dir / model).resolve()
-            if not path.is_relative_to(data_dir) or not path.is_file():
-                return _error(404, f"model file {model} not found under the data directory")
+            if st is not None and not st.local:
+                try:
+                    path = await run_in_threadpool(storage.materialize_file, st, model, settings)
+                except (FileNotFoundError, ValueError):
+                    return _error(404, f"model file {model} not found in storage")
+                except storage.StorageError as e:
+                    return _error(503, str(e))
+            else:
+                try:  # (a key with '..' or an absolute path names no model)
+                    found = st.path(model) if st is not None else (data_dir / storage.safe_key(model)).resolve()
+                except ValueError:
+                    found = None
+                if found is None or not found.is_relative_to(getattr(st, "root", data_dir)) or not found.is_file():
+                    return _error(404, f"model file {model} not found under the data directory")
+                path = found
             try:
                 top_k = max(1, min(int(str(form.get("top_k") or 3)), 100))
             except ValueError:
                 return _error(400, "top_k must be an integer")
             files = [(f.filename or f"image{i}", f.file) for i, f in enumerate(form.getlist("files"))
                      if isinstance(f, UploadFile)]
-            from starlette.concurrency import run_in_threadpool
 
             def work():
                 from domain.errors import GraftError

@@ -9,6 +9,7 @@ down (SIGTERM, Ctrl-C) stops its job at the next batch and puts it back in the q
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from sqlalchemy import select
 from app.core.settings import Settings, get_settings
 from app.db.models import Artifact, Dataset, Job, JobKind, JobStatus
 from app.db.session import session_factory
-from app.services import lifecycle
+from app.services import lifecycle, storage
 from domain.exports import AFTER_TRAINING, EXPORT_FORMATS
 from domain.files import sha256_file
 from domain.results import RunSummary
@@ -87,8 +88,14 @@ def _execute(job_id: int, settings: Settings) -> str:
             ok = _finish(S, job_id, JobStatus.failed.value, f"this worker cannot run jobs of kind {kind!r} (it runs "
                          f"{', '.join(JOB_KINDS)}): upgrade the worker", attempt=attempt)
             return "failed" if ok else "superseded"
-        return handler(Attempt(S, job_id, attempt, reporter, heartbeat, spec_data, settings.data_dir / data_rel,
-                               settings))
+        try:
+            data_dir = dataset_dir(settings, data_rel)  # with object storage: fetched once, then reused
+        except (storage.StorageError, FileNotFoundError, ValueError) as e:
+            ok = _finish(S, job_id, JobStatus.failed.value, f"the dataset's files could not be read from storage "
+                         f"({e}): check GRAFT_STORAGE_URL and the AWS_* settings of this worker, then retry",
+                         attempt=attempt)
+            return "failed" if ok else "superseded"
+        return handler(Attempt(S, job_id, attempt, reporter, heartbeat, spec_data, data_dir, settings))
     finally:
         heartbeat.stop()
 
@@ -101,6 +108,17 @@ def run_train(a: Attempt) -> str:
 
     S, job_id, settings, reporter = a.sessions, a.job_id, a.settings, a.reporter
     out = settings.runs_dir / str(job_id)
+    st = storage.for_settings(settings)
+    ckpt = out / "checkpoints" / "last.pt"
+    ckpt_key = ckpt.relative_to(settings.data_dir).as_posix()
+    if not st.local:  # the checkpoint lives in storage: a job resumed on another worker continues from it
+        if not ckpt.is_file():
+            try:
+                st.get_file(ckpt_key, ckpt)
+                reporter.on_message("resuming from the checkpoint in storage")
+            except FileNotFoundError:
+                pass
+        reporter.checkpoint_sink = lambda path, kind: st.put_file(path, ckpt_key) if kind == "last" else None
     result, outcome = call_engine(S, job_id, a.attempt, "job", lambda: run(
         RunSpec(**a.spec), a.data_dir, out, reporter, resume=(out / "checkpoints" / "last.pt").is_file(),
         cache_dir=settings.features_cache_dir, max_pixels=settings.max_image_pixels))
@@ -118,12 +136,21 @@ def run_train(a: Attempt) -> str:
             p = out / name
             if p.is_file() and not s.scalar(select(Artifact.id).where(Artifact.job_id == job_id,
                                                                      Artifact.kind == kind)):
-                s.add(Artifact(job_id=job_id, kind=kind, path=str(p.relative_to(settings.data_dir)),
-                               size=p.stat().st_size, sha256=sha256_file(p)))
+                key = p.relative_to(settings.data_dir).as_posix()
+                st.put_file(p, key)  # (a no-op when the data directory is the storage)
+                s.add(Artifact(job_id=job_id, kind=kind, path=key, size=p.stat().st_size, sha256=sha256_file(p)))
         s.commit()
     summary = RunSummary.model_validate({**result.summary().to_json(), "report": result.report, "exports": exports})
     ok = _finish(S, job_id, JobStatus.succeeded.value, None, summary.to_json(), attempt=a.attempt)
+    if ok and not st.local:  # everything is in storage now; this worker's disk keeps only scratch copies
+        shutil.rmtree(out, ignore_errors=True)
     return "succeeded" if ok else "superseded"
+
+
+def dataset_dir(settings: Settings, data_rel: str) -> Path:
+    """A dataset's root folder on this host: in the storage itself, or a scratch copy fetched from it."""
+    key, inner = storage.dataset_key(data_rel)
+    return storage.materialize_tree(storage.for_settings(settings), key, settings).joinpath(*inner)
 
 
 # what a worker runs for each job kind (app.db.models.JobKind); a new kind adds its entry here

@@ -50,6 +50,17 @@ class DatasetOut(BaseModel):
     created_at: UTCDatetime
 
 
+class DatasetFromUploads(BaseModel):
+    """A dataset from finished resumable uploads (POST /api/v1/uploads), each a zip or tar of a part of it."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("", max_length=1000, description="A name for the dataset (default: its top folder's)")
+    uploads: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        min_length=1, max_length=10_000, description="The upload ids, in the order to extract them")
+    workspace_id: int | None = Field(None, ge=1, le=2**31 - 1,
+                                     description="Where it goes (default: your personal workspace)")
+
+
 class JobCreate(RunSpec):
     """The run's parameters (every field has a default) plus the dataset to train on."""
 

@@ -18,6 +18,14 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Default: a filesystem transport under <data_dir>/broker")
     weights_dir: Path | None = Field(None, description="Pretrained weights cache (TORCH_HOME); default torch's")
     cache_dir: Path | None = Field(None, description="Feature cache; default <data_dir>/cache")
+    storage_url: str | None = Field(None, description="Where datasets, checkpoints and models live: file:///path "
+                                    "or s3://bucket/prefix (credentials, endpoint and region from the AWS_* "
+                                    "variables); default: the data directory itself")
+    storage_presign: bool = Field(False, description="Downloads from S3 storage redirect to a presigned URL "
+                                  "instead of streaming through the web app")
+    scratch_max_bytes: int = Field(50 << 30, ge=0, description="Local copies of datasets and models fetched from "
+                                   "object storage, per process: past this, the least recently used go (0: no "
+                                   "limit)")
     max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted upload")
     max_extracted_bytes: int = Field(8 << 30, ge=1, description="Largest total size of an extracted zip")
     max_zip_entries: int = Field(200_000, ge=1)

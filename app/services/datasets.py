@@ -5,9 +5,11 @@ with its fix, in one error, and leaves no files and no rows behind."""
 from __future__ import annotations
 
 import errno
+import logging
 import lzma
 import shutil
 import stat
+import tarfile
 import uuid
 import zipfile
 import zlib
@@ -22,9 +24,10 @@ from sqlalchemy.orm import Session
 from app.core.errors import AppError, BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from app.core.settings import Settings
 from app.db.models import FINAL_STATUSES, Dataset, Job, JobKind, User
-from app.services import access, workspaces
+from app.services import access, storage, uploads, workspaces
 from app.services.doctor import Problem, examine, examples, plural, refuse
 
+log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 
 
@@ -220,8 +223,19 @@ def _register(session: Session, settings: Settings, user: User, name: str, folde
                  layout=split.layout,
                  classes=split.classes, counts=split.counts(), warnings=split.warnings,
                  num_images=len(split.train) + len(split.val), size_bytes=size)
-    session.add(ds)
-    session.commit()
+    key, _ = storage.dataset_key(str(root_rel))
+    st = storage.for_settings(settings)
+    try:
+        storage.adopt_tree(st, settings, folder, key)  # into object storage when there is one
+        session.add(ds)
+        session.commit()
+    except BaseException:
+        if not st.local:
+            try:
+                storage.forget_tree(st, settings, key)  # no dataset row: no files either
+            except storage.StorageError:
+                log.warning("could not remove the stored files of the failed upload %s", key)
+        raise
     return ds
 
 
@@ -334,10 +348,137 @@ def delete(session: Session, settings: Settings, user: User, dataset_id: int) ->
         session.delete(probe)
     session.flush()
     folder = settings.data_dir / Path(ds.path).parts[0] / Path(ds.path).parts[1]
+    key, _ = storage.dataset_key(ds.path)
     session.delete(ds)
     session.commit()
+    storage.forget_tree(storage.for_settings(settings), settings, key)
     if folder.resolve().is_relative_to(settings.datasets_dir.resolve()):
         shutil.rmtree(folder, ignore_errors=True)
     thumbs = settings.thumbs_dir / folder.name  # sample thumbnails of the dataset page
     if thumbs.resolve().is_relative_to(settings.thumbs_dir.resolve()):
         shutil.rmtree(thumbs, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- a dataset from resumable uploads (parts)
+
+
+def check_tar(tf: tarfile.TarFile, settings: Settings) -> list[tarfile.TarInfo]:
+    """check_zip for a tar (plain, gz, bz2 or xz): relative paths only, regular files and folders only (no
+    links, devices or fifos), the entry count and the total size under the limits."""
+    found = _EntryProblems()
+    special: list[str] = []
+    keep, total, count = [], 0, 0
+    for m in tf:
+        count += 1
+        if count > settings.max_zip_entries:
+            break
+        if found.path(m.name) is None:
+            continue
+        if m.issym() or m.islnk():
+            found.by_kind["link"].append(m.name)
+        elif not (m.isfile() or m.isdir()):
+            special.append(m.name)
+        else:
+            total += m.size if m.isfile() else 0
+            keep.append(m)
+    problems = []
+    if count > settings.max_zip_entries:
+        problems.append(Problem(f"the archive has more than {settings.max_zip_entries} entries (a bomb?)",
+                                "upload fewer files or raise GRAFT_MAX_ZIP_ENTRIES"))
+    if total > settings.max_extracted_bytes:
+        problems.append(Problem(f"the archive expands to {total} bytes, more than the limit of "
+                                f"{settings.max_extracted_bytes}", "upload a smaller dataset or raise "
+                                "GRAFT_MAX_EXTRACTED_BYTES"))
+    problems += found.problems()
+    if special:
+        problems.append(Problem(f"refused {plural(len(special), 'entry', 'entries')} that are devices or pipes "
+                                f"({examples(map(repr, special))}): only files and folders are allowed",
+                                "archive the dataset folder's images only", special))
+    if problems:
+        refuse(problems, BadRequest)
+    return keep
+
+
+def _extract_tar(tf: tarfile.TarFile, infos: list[tarfile.TarInfo], dest: Path, settings: Settings) -> None:
+    """_extract for a tar's entries already checked by check_tar; the sizes are counted as they come out."""
+    found = _EntryProblems()
+    written = 0
+    root = dest.resolve()
+    for m in infos:
+        target = dest / PurePosixPath(m.name.replace("\\", "/"))
+        if not target.resolve().is_relative_to(root):
+            found.by_kind["dotdot"].append(m.name)
+            continue
+        try:
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            src = tf.extractfile(m)
+            if src is not None:
+                with src:
+                    written += _write_entry(target, _ZipSource(src), settings.max_extracted_bytes - written)
+        except _TooLarge:
+            raise _extracted_too_large(settings.max_extracted_bytes) from None
+        except OSError as e:
+            found.os_error(m.name, e)
+    if found.problems():
+        refuse(found.problems(), BadRequest)
+
+
+def _extract_part(path: Path, dest: Path, settings: Settings) -> None:
+    """One part (a zip or a tar) into `dest`, with every check of a zip upload."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                _extract(zf, check_zip(zf, settings), dest, settings)
+        elif tarfile.is_tarfile(path):
+            with tarfile.open(path, "r:*") as tf:
+                _extract_tar(tf, check_tar(tf, settings), dest, settings)
+        else:
+            refuse([Problem("the part is not a zip or tar archive",
+                            "send zips (or tars) of the dataset folder's files")], BadRequest)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, NotImplementedError,
+            zlib.error) as e:
+        refuse([Problem(f"the archive is corrupt or uses an unsupported feature ({e})",
+                        "create it again with a standard zip or tar tool")], BadRequest)
+
+
+def create_from_uploads(session: Session, settings: Settings, user: User, name: str, upload_ids: list[str],
+                        workspace_id: int | None = None) -> Dataset:
+    """Finished resumable uploads (app.services.uploads), each a zip or tar of part of the dataset, extracted
+    one after another into one folder that the doctor then checks whole. Unknown (or another user's) uploads
+    are 404 and unfinished ones 409, before anything is touched; a refused part or dataset leaves no folder
+    and no row, and its uploads are deleted; a created dataset's uploads are deleted too. The size and entry
+    limits apply to all the parts together."""
+    _check_name(name)
+    wid = workspaces.target(session, user, workspace_id, "uploading a dataset").id
+    if not upload_ids:
+        raise BadRequest("no uploads: list the ids of the finished uploads (POST /api/v1/uploads) in 'uploads'")
+    if len(set(upload_ids)) != len(upload_ids):
+        raise BadRequest("an upload is listed twice in 'uploads': list each part once")
+    parts = [uploads.finished_part(settings, user.id, uid) for uid in upload_ids]
+    folder = _new_folder(settings)
+    try:
+        for i, (uid, part) in enumerate(zip(upload_ids, parts), 1):
+            done = list(folder.rglob("*"))  # what the parts before took of the limits
+            used = sum(p.stat().st_size for p in done if p.is_file())
+            left = settings.model_copy(update={"max_extracted_bytes": max(1, settings.max_extracted_bytes - used),
+                                               "max_zip_entries": max(1, settings.max_zip_entries - len(done))})
+            try:
+                _extract_part(part, folder, left)
+            except AppError as e:
+                e.message = f"part {i} of {len(parts)} (upload {uid}): {e.message}"
+                raise
+        tops = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        default = tops[0].name if len(tops) == 1 and tops[0].is_dir() else "dataset"
+        ds = _register(session, settings, user, name.strip() or default[:Dataset.NAME_MAX], folder, wid)
+    except BaseException as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        session.rollback()
+        if isinstance(e, AppError):
+            for uid in upload_ids:
+                uploads.remove(settings, user.id, uid)
+        raise
+    for uid in upload_ids:
+        uploads.remove(settings, user.id, uid)
+    return ds

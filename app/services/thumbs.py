@@ -12,9 +12,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from app.core.errors import NotFound
+from app.core.errors import NotFound, ServiceUnavailable
 from app.core.settings import Settings
 from app.db.models import Dataset
+from app.services import storage
 from domain.errors import DataError, ImageError
 from domain.images import load_image
 from domain.layout import discover
@@ -26,12 +27,19 @@ _train_lists: OrderedDict[str, dict[int, list[Path]]] = OrderedDict()
 
 
 def dataset_folder(settings: Settings, ds: Dataset) -> Path:
-    """The upload's own folder (datasets/<uuid>), which `discover` read when the dataset was registered."""
+    """The upload's own folder (datasets/<uuid>), which `discover` read when the dataset was registered: the
+    storage's own (the data directory by default), or this host's scratch copy of it."""
     parts = Path(ds.path).parts
     if len(parts) < 2 or parts[0] != settings.datasets_dir.name:
         raise NotFound(f"dataset {ds.id} has no folder on this server")
-    folder = (settings.data_dir / parts[0] / parts[1]).resolve()
-    if not folder.is_relative_to(settings.datasets_dir.resolve()) or not folder.is_dir():
+    try:
+        key, _ = storage.dataset_key(ds.path)
+        folder = storage.materialize_tree(storage.for_settings(settings), key, settings).resolve()
+    except (ValueError, FileNotFoundError):
+        raise NotFound(f"the files of dataset {ds.id} are missing on the server") from None
+    except storage.StorageError as e:
+        raise ServiceUnavailable(str(e)) from None
+    if not folder.is_dir():
         raise NotFound(f"the files of dataset {ds.id} are missing on the server")
     return folder
 
@@ -76,10 +84,10 @@ def sample_thumbnail(settings: Settings, ds: Dataset, class_index: int, n: int) 
     if not 0 <= n < train_count:
         raise NotFound(f"class {ds.classes[class_index]!r} has no train image number {n} (it has {train_count}, "
                        "from 0)")
-    folder = dataset_folder(settings, ds)
     cached = thumbs_folder(settings, ds) / f"c{class_index}_{n}.jpg"
-    if cached.is_file():
+    if cached.is_file():  # before the dataset's files: with object storage they may not be on this host
         return cached.read_bytes()
+    folder = dataset_folder(settings, ds)
     images = _train_images(folder).get(class_index, [])
     if n >= len(images):
         raise NotFound(f"class {ds.classes[class_index]!r} has no train image number {n} on disk")
@@ -89,7 +97,7 @@ def sample_thumbnail(settings: Settings, ds: Dataset, class_index: int, n: int) 
 def file_thumbnail(settings: Settings, ds: Dataset, rel: str) -> bytes:
     """JPEG thumbnail of one file of the dataset, named relative to the dataset's root (as in evaluations)."""
     folder = dataset_folder(settings, ds)
-    path = settings.data_dir / ds.path / rel
+    path = folder.joinpath(*Path(ds.path).parts[2:]) / rel
     key = uuid.uuid5(uuid.NAMESPACE_URL, rel).hex
     return _thumbnail(folder, path, thumbs_folder(settings, ds) / f"f{key}.jpg")
 

@@ -79,8 +79,9 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
     job = page_object(job_service.get_owned, session, user, job_id)
     if job is None:
         return _not_found(request, user, f"job {job_id}")
+    can_edit = access.allows(access.role_of(session, user, job.workspace_id), access.EDIT)
     if job.kind == JobKind.probe.value:
-        return probe_pages.job_page(request, job, user)
+        return probe_pages.job_page(request, job, user, can_edit)
     metrics = [_metric_dict(m) for m in session.scalars(
         select(EpochMetric).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch))]
     best_epoch = max((m["epoch"] for m in metrics if m["is_best"]), default=None)  # the saved one
@@ -98,7 +99,8 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
         mistakes = report.mistakes if "mistakes" in report.model_fields_set else None
     stale, status_note = job_service.staleness(job, settings)
     return render(request, "job.html", {
-        "nav": "job", "job": job, "stale": stale, "status_note": status_note, "ds": job.dataset, "metrics": metrics, "best_epoch": best_epoch, "has_model": has_model,
+        "nav": "job", "job": job, "stale": stale, "status_note": status_note, "ds": job.dataset, "metrics": metrics,
+        "best_epoch": best_epoch, "has_model": has_model, "can_edit": can_edit,
         "result": summary if summary is not None else {}, "report": report, "strategy": STRATEGIES.get(kind),
         "final": job.status in FINAL_STATUSES, "mistakes": mistakes, "wrong_total": wrong_total,
         "val_images": val_images,

@@ -26,7 +26,7 @@ def dataset_context(session: Session, user: User, ds: Dataset) -> dict:
     }
 
 
-def job_page(request: Request, job: Job, user: User):
+def job_page(request: Request, job: Job, user: User, can_edit: bool = True):
     """The page of a probe job: its progress while it runs, then its leaderboard and the advice."""
     ds = job.dataset
     result = probe_service.stored(job)
@@ -35,5 +35,6 @@ def job_page(request: Request, job: Job, user: User):
         "nav": "job", "job": job, "ds": ds, "result": result if result is not None else {}, "final": job.status in FINAL_STATUSES,
         "leaderboard": probe_service.leaderboard(job), "measured": probe_service.measured(job),
         "advice": probe_service.advice(ds, done) if done is not None else None, "strategies": STRATEGIES,
+        "can_edit": can_edit,
         "page_data": {"id": job.id, "dataset_id": ds.id, "status": job.status, "final": job.status in FINAL_STATUSES},
     }, user=user)

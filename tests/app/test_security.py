@@ -411,6 +411,9 @@ EXPECTED_WRITES = {("POST", "/api/v1/datasets"): 201, ("POST", "/api/v1/jobs"): 
                    ("POST", "/workspaces/{workspace_id}/members"): 409, ("POST", "/admin/users"): 403,
                    ("POST", "/admin/users/{user_id}/{action}"): 403, ("POST", "/settings/tokens"): 201,
                    ("POST", "/settings/tokens/{token_id}/revoke"): 303,
+                   # tus uploads: past the CSRF check, refused for the missing Tus-Resumable header
+                   ("POST", "/api/v1/uploads"): 412, ("PATCH", "/api/v1/uploads/{upload_id}"): 412,
+                   ("DELETE", "/api/v1/uploads/{upload_id}"): 412,
                    ("POST", "/logout"): 303}
 
 

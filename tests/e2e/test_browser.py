@@ -600,10 +600,50 @@ def test_10_the_admin_invites_a_viewer_who_reads_but_cannot_delete(browser_sessi
         assert "lab images" in vera.locator("main").inner_text()
         vera.goto(f"/datasets/{did}")
         assert vera.locator("h1").inner_text().startswith("lab images")
+        assert vera.locator("#delete-dataset").count() == 0 and vera.locator("#viewer-note").count() == 1
         csrf = vera.locator('meta[name="csrf-token"]').get_attribute("content")
         r = vera.request.delete(f"{base}/api/v1/datasets/{did}", headers={"X-CSRF-Token": csrf})
         assert r.status == 403 and "viewer" in r.json()["error"]["message"]
         vera.screenshot(path=str(s["out"] / "10b-viewer-dataset.png"))
     finally:
         context.close()
+    check_page(s)
+
+
+def test_11_a_folder_upload_in_resumable_parts(browser_session, tmp_path):
+    """A picked folder is packed into zip parts in the browser, each sent as a resumable (tus) upload, then
+    made into one dataset; the part size is lowered here so that this small folder makes several parts."""
+    s = browser_session
+    page = s["page"]
+    folder = _slice(tmp_path / "in-parts", {"train": 12, "val": 6}, offset=40)
+    total = sum(f.stat().st_size for f in folder.rglob("*.jpg"))
+    assert total > 3 << 20  # several parts of 1 MiB
+    page.goto("/datasets/new")
+    assert int(page.get_attribute("#upload-form", "data-part-bytes")) == 100 << 20  # the setting's default
+    page.evaluate("() => { document.getElementById('upload-form').dataset.partBytes = String(1 << 20); }")
+    texts: list[str] = []
+    page.expose_function("recordUploadText", lambda t: texts.append(t))
+    page.evaluate("""() => { const el = document.getElementById('upload-text');
+        new MutationObserver(() => window.recordUploadText(el.textContent))
+            .observe(el, {childList: true, characterData: true, subtree: true}); }""")
+    creations: list[str] = []
+    page.on("request", lambda r: creations.append(r.url)
+            if r.method == "POST" and r.url.endswith("/api/v1/uploads") else None)
+    page.set_input_files("#folder-input", str(folder))
+    assert re.search(r"Folder: in-parts/, 36 files", page.locator("#picked").inner_text())
+    page.click("#upload-btn")
+    page.wait_for_url(re.compile(r"/datasets/\d+$"), timeout=60_000)
+    assert page.locator("h1").inner_text() == "in-parts"
+    rows = {r.locator("td").nth(0).inner_text(): (r.locator("td").nth(1).inner_text(), r.locator("td").nth(2).inner_text())
+            for r in page.locator("table.classes tbody tr").all()}
+    assert rows == {"ants": ("12", "6"), "bees": ("12", "6")}
+    assert len(creations) >= 3, creations  # one tus upload per part
+    progress = [t for t in texts if t.startswith("Uploading part")]
+    assert any(t.startswith("Uploading part 2 of ") for t in progress), texts
+    assert any("of 36 files" in t for t in progress) and any(" MB of " in t for t in progress), texts
+    assert any(t.startswith("Uploaded 36 files in ") for t in texts), texts
+    # nothing left to resume: the parts were made into the dataset and forgotten
+    assert page.evaluate("() => Object.keys(localStorage).filter(k => k.startsWith('graft-parts:') "
+                         "|| k.startsWith('tus::')).length") == 0
+    shot(s, "11-dataset-from-resumable-parts")
     check_page(s)

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,17 @@ log = logging.getLogger(__name__)
 
 # called after each batch with (batches done, batches in all, the loop's start time, images seen)
 OnBatch = Callable[[int, int, float, int], None]
+
+
+class Shard(Protocol):
+    """This process's share of a data-parallel run (worker.engine.distributed): `world` processes each take
+    `part` of every micro-batch; `total` adds numbers up over all processes."""
+
+    world: int
+
+    def part(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def total(self, *values: float) -> list[float]: ...
 
 
 def micro_batch(batch_size: int, accum: int) -> int:
@@ -53,9 +65,13 @@ def train_epoch_on_features(head, feats: torch.Tensor, labels: list[int], opt, s
 
 
 def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, autocast: Callable, micro: int,
-                          device: torch.device, label_smoothing: float, on_batch: OnBatch):
+                          device: torch.device, label_smoothing: float, on_batch: OnBatch,
+                          shard: Shard | None = None):
     """One optimizer step per batch of the loader; each batch goes through the model in micro-batches of
     `micro` images whose gradients add up to the whole batch's. The caller sets the train/eval modes.
+    With `shard` (data-parallel: every process iterates the same global batches) this process trains on its
+    part of each micro-batch, its loss scaled so that the gradients DistributedDataParallel averages are the
+    whole batch's; the figures returned are those of all processes together.
     Returns (mean loss, accuracy, images seen, seconds)."""
     loss_sum, correct, seen = 0.0, 0, 0
     t = time.perf_counter()
@@ -63,17 +79,23 @@ def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, a
         n = len(y_all)
         opt.zero_grad(set_to_none=True)
         for x, y in zip(x_all.split(micro), y_all.split(micro)):
+            if shard is not None:
+                x, y = shard.part(x), shard.part(y)  # may be empty: the process still joins the gradient sync
             x, y = inputs(x), y.to(device)
             with autocast():
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-            if len(y) != n:
-                loss = loss * (len(y) / n)
+            if shard is not None:  # DDP averages over `world` processes: sum / n * world makes it the batch mean
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum")
+                loss = loss * (shard.world / n)
+            else:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+                if len(y) != n:
+                    loss = loss * (len(y) / n)
             if scaler is not None:
                 scaler.scale(loss).backward()
             else:
                 loss.backward()
-            loss_sum += loss.item() * n
+            loss_sum += loss.item() * n / (shard.world if shard is not None else 1)
             correct += (logits.argmax(1) == y).sum().item()
         if scaler is not None:
             scaler.step(opt)
@@ -83,6 +105,8 @@ def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, a
         sched.step()
         seen += n
         on_batch(b + 1, len(loader), t, seen)
+    if shard is not None:
+        loss_sum, correct = shard.total(loss_sum, correct)
     return loss_sum / seen, correct / seen, seen, time.perf_counter() - t
 
 

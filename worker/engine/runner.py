@@ -70,8 +70,7 @@ class Runner:
         self.accum = 1  # gradient accumulation steps per batch (raised when the GPU runs out of memory)
         self.epoch_times: dict[str, list[float]] = {}  # seconds of each epoch so far, by mode
         self.use_feature_cache = False  # the frozen phases train the head on cached features (set by prepare)
-        # set by compute_features / decode
-        self.store: ImageStore | None = None
+        self.store: ImageStore | None = None  # this and the next ones: set by compute_features / decode
         self.items: list[tuple[Path, int]] = []
         self.train_idx: list[int] = []  # indices into items of the readable train and val images
         self.val_idx: list[int] = []
@@ -371,8 +370,6 @@ class Runner:
                 self.epoch_times = ck.epoch_times
                 self.accum = ck.accum
                 self.cb.on_message(f"resumed after epoch {global_epoch}")
-            else:
-                global_epoch = 0
 
             for pi, phase in enumerate(self.phases):
                 if pi < start_phase:
@@ -495,6 +492,9 @@ class Runner:
 def run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, callbacks: Callbacks | None = None,
         resume: bool = False, cache_dir: str | Path | None = None, device: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS) -> RunResult:
-    """Train `spec` on the images in `data_dir`, writing checkpoints and model.pt under `out_dir`. Images of
-    more than `max_pixels` (width x height) are skipped and named."""
+    """Train `spec` on `data_dir`, writing checkpoints and model.pt under `out_dir`; images over `max_pixels`
+    are skipped and named. `spec.devices > 1`: data-parallel, one process per device (engine.distributed)."""
+    if spec.devices > 1 and spec.strategy_kind != "features":  # a features run trains only the head: 1 process
+        from .distributed import run_distributed
+        return run_distributed(Runner, spec, data_dir, out_dir, callbacks, resume, cache_dir, device, max_pixels)
     return Runner(spec, data_dir, out_dir, callbacks, resume, cache_dir, device, max_pixels=max_pixels).run()

@@ -1,18 +1,23 @@
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
-from app.api.schemas import DatasetOut, errors
-from app.core.errors import BadRequest
+from app.api.schemas import DatasetFromUploads, DatasetOut, errors
+from app.core.errors import BadRequest, PayloadTooLarge
 from app.db.models import MAX_ID, Dataset
 from app.services import access
 from app.services import datasets as service
+
+JSON_LIMIT = 1 << 20
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=errors(401, 422))
 
@@ -30,7 +35,7 @@ UPLOAD_BODY = {
                 "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                           "description": "Or: the files of a folder, each named by its relative path"},
             },
-        }}},
+        }}, "application/json": {"schema": DatasetFromUploads.model_json_schema()}},
     }
 }
 
@@ -39,8 +44,28 @@ UPLOAD_BODY = {
              responses=errors(400, 403, 404, 409, 413))
 async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     """Upload a dataset as a zip (`file`) or as a folder (`files`, many, named by relative path), into the
-    workspace `workspace_id` (a form field; default: your personal workspace; editors and owners only)."""
+    workspace `workspace_id` (a form field; default: your personal workspace; editors and owners only).
+    Or, for a dataset of any size, send JSON `{"name": ..., "uploads": [ids], "workspace_id": ...}`: the ids of
+    finished resumable uploads (tus, POST /api/v1/uploads), each a zip or tar of part of the dataset; they are
+    extracted into one dataset, checked whole, then deleted (404: an unknown upload; 409: an unfinished one)."""
     ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() == "application/json":
+        raw = bytearray()
+        async for chunk in request.stream():  # this path takes large multipart bodies: not a large JSON one
+            raw += chunk
+            if len(raw) > JSON_LIMIT:
+                raise PayloadTooLarge(f"the JSON body is larger than {JSON_LIMIT} bytes: list fewer uploads")
+        try:
+            body = DatasetFromUploads.model_validate(json.loads(raw))
+        except json.JSONDecodeError as e:  # as FastAPI words it for a JSON body it parses itself
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
+                                           "input": {}, "ctx": {"error": e.msg}}]) from None
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
+                                          for err in e.errors(include_url=False)]) from None
+        ds = await run_in_threadpool(service.create_from_uploads, session, settings, user, body.name, body.uploads,
+                                     body.workspace_id)
+        return DatasetOut.model_validate(ds)
     if not ctype.startswith("multipart/form-data"):
         raise BadRequest("send multipart/form-data with a zip in the field 'file' (or the folder's files in 'files')")
     form = await request.form(max_files=200_000, max_fields=100)

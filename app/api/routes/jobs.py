@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -19,7 +19,7 @@ from app.api.schemas import EpochMetricOut, EvaluationOut, JobCreate, JobOut, Mi
 from app.core.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from app.core.settings import Settings
 from app.db.models import FINAL_STATUSES, MAX_ID, EpochMetric, Job, JobEvent, JobKind, JobStatus
-from app.services import access
+from app.services import access, storage
 from app.services import jobs as service
 from domain.exports import EXPORT_FORMATS, ExportName
 from domain.results import RunSummary
@@ -86,10 +86,50 @@ def cancel_job(job_id: int, session: SessionDep, settings: SettingsDep, user: Cu
 
 
 def _artifact_file(settings, art) -> Path:
-    path = (settings.data_dir / art.path).resolve()
-    if not path.is_relative_to(settings.data_dir.resolve()) or not path.is_file():
+    """The artifact's file on this host (with object storage: only for a check; `_send` streams instead)."""
+    st = storage.for_settings(settings)
+    try:
+        path = st.path(art.path) if st.local else None
+    except ValueError:
+        path = None
+    if st.local and (path is None or not path.is_file()):
         raise NotFound(f"the {art.kind} file of job {art.job_id} is missing on the server")
-    return path
+    return path if path is not None else Path(art.path)
+
+
+def _send(settings, art, media_type: str, filename: str | None = None, headers: dict | None = None) -> Response:
+    """An artifact as a download: the file itself (local storage), a stream from object storage, or a
+    redirect to a presigned URL (GRAFT_STORAGE_PRESIGN=1)."""
+    st = storage.for_settings(settings)
+    if st.local:
+        return FileResponse(_artifact_file(settings, art), media_type=media_type, filename=filename,
+                            headers=headers)
+    try:
+        if settings.storage_presign:
+            url = st.presign(art.path, filename or Path(art.path).name)
+            if url:
+                return RedirectResponse(url, status_code=307, headers=headers)
+        size = st.size(art.path)
+        if size is None:
+            raise NotFound(f"the {art.kind} file of job {art.job_id} is missing in storage")
+        body = st.open(art.path)
+    except storage.StorageError as e:
+        raise ServiceUnavailable(str(e)) from None
+
+    def chunks():
+        try:
+            while True:
+                block = body.read(1 << 20)
+                if not block:
+                    return
+                yield block
+        finally:
+            body.close()
+
+    extra = {"Content-Length": str(size), **(headers or {})}
+    if filename:
+        extra["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return StreamingResponse(chunks(), media_type=media_type, headers=extra)
 
 
 @router.get("/{job_id}/model", response_class=FileResponse,
@@ -107,10 +147,9 @@ def download_model(job_id: int, session: SessionDep, settings: SettingsDep, user
     if failed is not None:
         raise Conflict(f"the {fmt.name} export of job {job_id} failed: {failed.error}", failed.to_json())
     art = service.artifact(session, user, job_id, fmt.artifact)
-    return FileResponse(_artifact_file(settings, art), media_type="application/json" if fmt.name == "model_card"
-                        else "application/octet-stream",
-                        filename=f"graft-job{job_id}-{job.spec.get('backbone', 'model')}{fmt.suffix}",
-                        headers={"X-Checksum-SHA256": art.sha256})
+    return _send(settings, art, "application/json" if fmt.name == "model_card" else "application/octet-stream",
+                 filename=f"graft-job{job_id}-{job.spec.get('backbone', 'model')}{fmt.suffix}",
+                 headers={"X-Checksum-SHA256": art.sha256})
 
 
 @router.get("/{job_id}/evaluation", response_model=EvaluationOut, response_model_exclude_unset=True,
@@ -139,7 +178,7 @@ def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> Evalu
             responses={200: {"content": {"image/png": {}}}, **errors(404)})
 def confusion_matrix_png(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     art = service.artifact(session, user, job_id, "confusion_matrix")
-    return FileResponse(_artifact_file(settings, art), media_type="image/png")
+    return _send(settings, art, "image/png")
 
 
 @router.get("/{job_id}/mistakes/{n}.jpg", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **errors(404)})

@@ -8,13 +8,15 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import SessionDep, SettingsDep, user_from_request
+from app.api.schemas import errors
 from app.core.errors import Forbidden, Unauthorized
 
 router = APIRouter(tags=["operations"])
 
 
 @router.get("/metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+                       **errors(401, 403)})
 def metrics(request: Request, session: SessionDep, settings: SettingsDep):
     """Jobs by status and kind, the queue's length, busy workers, job and epoch durations, request latencies
     by route, upload bytes (docs/deploy.md lists them)."""

@@ -46,6 +46,7 @@ class _BodyTooLarge(Exception):
 
 # the two routes that take files (they read them only after authentication)
 UPLOAD_PATHS = re.compile(r"/api/v1/(datasets|jobs/[^/]+/predict)/?$")
+TUS_PATCH = re.compile(r"/api/v1/uploads/[^/]+/?$")  # a resumable upload's chunks (streamed to disk)
 
 
 class UploadLimit:
@@ -58,7 +59,8 @@ class UploadLimit:
         self.app, self.limit, self.small_limit = app, limit, small_limit
 
     def _limit_for(self, scope) -> int:
-        if scope.get("method") == "POST" and UPLOAD_PATHS.search(scope.get("path", "")):
+        if scope.get("method") == "POST" and UPLOAD_PATHS.search(scope.get("path", "")) or \
+                scope.get("method") == "PATCH" and TUS_PATCH.search(scope.get("path", "")):
             return self.limit
         return self.small_limit
 

@@ -36,6 +36,15 @@ def migrate() -> None:
     s = _settings()
     run_migrations(s.db_url)
     typer.echo(f"database at {s.db_url.split('@')[-1]} is up to date")
+    from app.services import storage
+
+    st = storage.for_settings(s)
+    if isinstance(st, storage.S3Storage):
+        try:
+            made = st.ensure_bucket()
+        except storage.StorageError as e:
+            _fail(str(e))
+        typer.echo(f"storage {st.url}: bucket {'created' if made else 'ready'}")
 
 
 def _sessions():

@@ -21,8 +21,7 @@
   const maxBytes = Number(form.dataset.maxBytes || 0);
   // read when the upload starts (a test lowers it); at least 1 MB
   const partBytes = () => Math.max(1 << 20, Number(form.dataset.partBytes || 100 * 1024 * 1024));
-  // the server takes bodies of at most 1 MiB outside its two multipart routes: each PATCH sends this much
-  const CHUNK = 1 << 20;
+  const CHUNK = 8 << 20;  // PATCH bodies stream to disk on the server (the upload limit applies, not 1 MiB)
 
   let zip = null;        // a File
   let files = null;      // [{file, path}]

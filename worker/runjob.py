@@ -9,6 +9,7 @@ down (SIGTERM, Ctrl-C) stops its job at the next batch and puts it back in the q
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 from collections.abc import Callable
@@ -65,7 +66,8 @@ def _execute(job_id: int, settings: Settings) -> str:
         log.info("job %s left in the queue: this worker is shutting down", job_id)
         return "deferred"
     with S() as s:
-        job = lifecycle.claim(s, job_id, socket.gethostname(), settings.max_attempts)
+        # the worker's host and process: several workers may share a host
+        job = lifecycle.claim(s, job_id, f"{socket.gethostname()}/{os.getpid()}", settings.max_attempts)
         if job is None:
             s.rollback()
             job = s.get(Job, job_id)

@@ -221,7 +221,20 @@ class S3Storage(Storage):
             "ResponseContentDisposition": f'attachment; filename="{filename}"'}, ExpiresIn=expires_s)
 
     def check(self) -> None:
-        self._call(f"bucket {self.bucket}", self.client.head_bucket, Bucket=self.bucket)
+        try:
+            self._call(f"bucket {self.bucket}", self.client.head_bucket, Bucket=self.bucket)
+        except FileNotFoundError:
+            raise StorageError(f"the bucket {self.bucket} does not exist: create it, or run `graft migrate`, which "
+                               "creates it") from None
+
+    def ensure_bucket(self) -> bool:
+        """Create the bucket when it is missing (`graft migrate`); True when it was made."""
+        try:
+            self._call(f"bucket {self.bucket}", self.client.head_bucket, Bucket=self.bucket)
+            return False
+        except FileNotFoundError:
+            self._call(f"creating bucket {self.bucket}", self.client.create_bucket, Bucket=self.bucket)
+            return True
 
 
 @lru_cache(maxsize=8)

@@ -45,7 +45,10 @@ def dataset_folder(settings: Settings, ds: Dataset) -> Path:
 
 
 def thumbs_folder(settings: Settings, ds: Dataset) -> Path:
-    return settings.thumbs_dir / Path(ds.path).parts[1]
+    parts = Path(ds.path).parts
+    if len(parts) < 2 or parts[0] != settings.datasets_dir.name or parts[1] in ("..", "."):
+        raise NotFound(f"dataset {ds.id} has no folder on this server")
+    return settings.thumbs_dir / parts[1]
 
 
 def _train_images(folder: Path) -> dict[int, list[Path]]:

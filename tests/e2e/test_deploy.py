@@ -21,7 +21,9 @@ GRAFT = Path(sys.executable).with_name("graft")
 def test_compose_describes_postgres_redis_migration_web_and_gpu_worker():
     c = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     s = c["services"]
-    assert set(s) == {"postgres", "redis", "migrate", "web", "worker", "inference"}
+    assert set(s) == {"postgres", "redis", "s3", "migrate", "web", "worker", "inference"}
+    assert s["s3"]["command"][0] == "server" and "-s3" in s["s3"]["command"]
+    assert s["migrate"]["depends_on"]["s3"]["condition"] == "service_healthy"
     assert s["web"]["environment"]["GRAFT_INFERENCE_URL"] == "http://inference:8001"
     assert s["inference"]["command"][:2] == ["graft", "inference"]
     assert s["migrate"]["command"] == ["graft", "migrate"]
@@ -30,14 +32,16 @@ def test_compose_describes_postgres_redis_migration_web_and_gpu_worker():
         env = s[name]["environment"]
         assert env["GRAFT_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["GRAFT_BROKER_URL"].startswith("redis://redis:")
-        assert "data:/data" in s[name]["volumes"] and "weights:/weights" in s[name]["volumes"]
+        # no shared disk: datasets, checkpoints and models live in the bucket; /data is scratch
+        assert env["GRAFT_STORAGE_URL"].startswith("s3://") and env["AWS_ENDPOINT_URL"] == "http://s3:8333"
+        assert not any(v.endswith(":/data") for v in s[name]["volumes"]) and "weights:/weights" in s[name]["volumes"]
         assert (ROOT / s[name]["build"]["dockerfile"]).is_file()
     gpu = s["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
-    assert {"data", "weights", "pgdata"} <= set(c["volumes"])
+    assert {"objects", "weights", "pgdata"} <= set(c["volumes"]) and "data" not in c["volumes"]
     # the settings the compose file sets are real settings
     fields = {f"GRAFT_{k.upper()}" for k in Settings.model_fields}
-    assert set(s["web"]["environment"]) <= fields
+    assert {k for k in s["web"]["environment"] if k.startswith("GRAFT_")} <= fields
 
 
 def test_dockerfiles_copy_what_exists_and_keep_torch_out_of_the_web_image():

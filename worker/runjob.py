@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from app.core.settings import Settings, get_settings
-from app.db.models import Artifact, Dataset, Job, JobKind, JobStatus
+from app.db.models import Artifact, Dataset, Job, JobEvent, JobKind, JobStatus
 from app.db.session import session_factory
 from app.services import lifecycle, storage
 from domain.exports import AFTER_TRAINING, EXPORT_FORMATS
@@ -65,6 +65,8 @@ def _execute(job_id: int, settings: Settings) -> str:
             s.commit()
         log.info("job %s left in the queue: this worker is shutting down", job_id)
         return "deferred"
+    if too_big_for_this_worker(S, job_id):
+        return "deferred"
     with S() as s:
         # the worker's host and process: several workers may share a host
         job = lifecycle.claim(s, job_id, f"{socket.gethostname()}/{os.getpid()}", settings.max_attempts)
@@ -100,6 +102,37 @@ def _execute(job_id: int, settings: Settings) -> str:
         return handler(Attempt(S, job_id, attempt, reporter, heartbeat, spec_data, data_dir, settings))
     finally:
         heartbeat.stop()
+
+
+def worker_devices() -> int:
+    """The devices this worker advertises: $GRAFT_WORKER_DEVICES when set, else its GPUs (1 without any: CPU)."""
+    env = os.environ.get("GRAFT_WORKER_DEVICES", "").strip()
+    if env:
+        return max(1, int(env))
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def too_big_for_this_worker(S, job_id: int) -> bool:
+    """A queued training job whose spec asks for more devices than this worker has is left in the queue for a
+    worker that has them (its task forgotten, as on shutdown, so that a reconciler sends it again), and the
+    job says why (once, not at every new delivery). True when it was left."""
+    with S() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != JobStatus.queued.value or job.kind != JobKind.train.value:
+            return False
+        need, have = int((job.spec or {}).get("devices") or 1), worker_devices()
+        if need <= have:
+            return False
+        msg = f"needs {need} devices; this worker has {have}: waiting in the queue for a worker with {need}"
+        last = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())).first()
+        if last is None or last.kind != "message" or last.data.get("message") != msg:
+            add_event(s, job_id, "message", {"message": msg})
+        lifecycle.defer(s, job_id)
+        s.commit()
+    log.info("job %s left in the queue: it %s", job_id, msg)
+    return True
 
 
 def run_train(a: Attempt) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from domain.clock import as_utc
 from domain.results import EvaluationReport, ExportCheck, Mistake
@@ -51,14 +51,24 @@ class DatasetOut(BaseModel):
 
 
 class DatasetFromUploads(BaseModel):
-    """A dataset from finished resumable uploads (POST /api/v1/uploads), each a zip or tar of a part of it."""
+    """A dataset from finished resumable uploads (POST /api/v1/uploads), each a zip or tar of a part of it;
+    or imported from where the images already are (`source`)."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field("", max_length=1000, description="A name for the dataset (default: its top folder's)")
-    uploads: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
-        min_length=1, max_length=10_000, description="The upload ids, in the order to extract them")
+    uploads: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        None, min_length=1, max_length=10_000, description="The upload ids, in the order to extract them")
+    source: str | None = Field(None, min_length=2, max_length=2000, description=(
+        "Instead of uploads: s3://bucket/prefix/ (object storage, with the server's AWS_* credentials) or a "
+        "folder on the server under GRAFT_IMPORT_ROOTS (admins only)"))
     workspace_id: int | None = Field(None, ge=1, le=2**31 - 1,
                                      description="Where it goes (default: your personal workspace)")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DatasetFromUploads:
+        if (self.uploads is None) == (self.source is None):
+            raise ValueError("give either uploads (resumable upload ids) or source (where the images are)")
+        return self
 
 
 class JobCreate(RunSpec):

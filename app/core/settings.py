@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     storage_url: str | None = Field(None, description="Where datasets, checkpoints and models live: file:///path "
                                     "or s3://bucket/prefix (credentials, endpoint and region from the AWS_* "
                                     "variables); default: the data directory itself")
+    import_roots: list[Path] = Field(default_factory=list, description="Server folders admins may import datasets "
+                                     "from (a JSON list, e.g. [\"/srv/images\"])")
     storage_presign: bool = Field(False, description="Downloads from S3 storage redirect to a presigned URL "
                                   "instead of streaming through the web app")
     scratch_max_bytes: int = Field(50 << 30, ge=0, description="Local copies of datasets and models fetched from "

@@ -104,7 +104,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
-    return _AllReduceSum.apply(t, group)  # type: ignore[no-any-return]
+    return _AllReduceSum.apply(t, group)
 
 
 def _global_batch_norm(group: Any, original: Any, input: torch.Tensor, running_mean: torch.Tensor | None,

@@ -106,7 +106,8 @@ def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, a
         seen += n
         on_batch(b + 1, len(loader), t, seen)
     if shard is not None:
-        loss_sum, correct = shard.total(loss_sum, correct)
+        loss_sum, all_correct = shard.total(loss_sum, correct)
+        correct = round(all_correct)
     return loss_sum / seen, correct / seen, seen, time.perf_counter() - t
 
 

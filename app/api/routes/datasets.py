@@ -14,7 +14,7 @@ from app.api.deps import CurrentUser, SessionDep, SettingsDep
 from app.api.schemas import DatasetFromUploads, DatasetOut, errors
 from app.core.errors import BadRequest, PayloadTooLarge
 from app.db.models import MAX_ID, Dataset
-from app.services import access
+from app.services import access, imports
 from app.services import datasets as service
 
 JSON_LIMIT = 1 << 20
@@ -56,15 +56,24 @@ async def upload_dataset(request: Request, session: SessionDep, settings: Settin
             if len(raw) > JSON_LIMIT:
                 raise PayloadTooLarge(f"the JSON body is larger than {JSON_LIMIT} bytes: list fewer uploads")
         try:
-            body = DatasetFromUploads.model_validate(json.loads(raw))
+            data = json.loads(raw)
+            if isinstance(data, dict) and "uploads" not in data and "source" not in data:
+                raise BadRequest("send multipart/form-data with a zip in the field 'file' (or the folder's files in "
+                                 "'files'), or JSON with the ids of finished resumable uploads, {\"name\": ..., "
+                                 "\"uploads\": [...]}, or with a \"source\" to import from")
+            body = DatasetFromUploads.model_validate(data)
         except json.JSONDecodeError as e:  # as FastAPI words it for a JSON body it parses itself
             raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
                                            "input": {}, "ctx": {"error": e.msg}}]) from None
         except ValidationError as e:
             raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
                                           for err in e.errors(include_url=False)]) from None
-        ds = await run_in_threadpool(service.create_from_uploads, session, settings, user, body.name, body.uploads,
-                                     body.workspace_id)
+        if body.source is not None:
+            ds = await run_in_threadpool(imports.create_from_source, session, settings, user, body.name, body.source,
+                                         body.workspace_id)
+        else:
+            ds = await run_in_threadpool(service.create_from_uploads, session, settings, user, body.name,
+                                         body.uploads or [], body.workspace_id)
         return DatasetOut.model_validate(ds)
     if not ctype.startswith("multipart/form-data"):
         raise BadRequest("send multipart/form-data with a zip in the field 'file' (or the folder's files in 'files')")

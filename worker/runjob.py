@@ -156,7 +156,8 @@ def run_train(a: Attempt) -> str:
         reporter.checkpoint_sink = lambda path, kind: st.put_file(path, ckpt_key) if kind == "last" else None
     result, outcome = call_engine(S, job_id, a.attempt, "job", lambda: run(
         RunSpec(**a.spec), a.data_dir, out, reporter, resume=(out / "checkpoints" / "last.pt").is_file(),
-        cache_dir=settings.features_cache_dir, max_pixels=settings.max_image_pixels))
+        cache_dir=settings.features_cache_dir, max_pixels=settings.max_image_pixels,
+        store_bytes=settings.image_store_bytes))
     if result is None:
         return outcome
     if result.status == "stopped":

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
                                      "from (a JSON list, e.g. [\"/srv/images\"])")
     storage_presign: bool = Field(False, description="Downloads from S3 storage redirect to a presigned URL "
                                   "instead of streaming through the web app")
+    image_store_bytes: int = Field(3 << 30, ge=0, description="Decoded training images a worker keeps in (shared) "
+                                   "memory; beyond it, images are decoded again at each epoch")
     scratch_max_bytes: int = Field(50 << 30, ge=0, description="Local copies of datasets and models fetched from "
                                    "object storage, per process: past this, the least recently used go (0: no "
                                    "limit)")

@@ -43,18 +43,49 @@ def decode_for(path: Path, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIX
     return to_tensor_u8(resize_short(img, pre.resize_size, pre.interpolation))
 
 
+SLAB_BYTES = 256 << 20  # the store's shared-memory blocks
+
+
+class _Slabs:
+    """Append-only uint8 storage in shared-memory blocks: an image is a view into a block, so loader worker
+    processes (forked) read the same pages instead of copying them, and no Python object per image keeps
+    its own buffer."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.blocks: list[torch.Tensor] = []
+        self.fill = 0  # bytes used in the last block
+
+    def put(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """(block, offset) of a copy of `t`, or None when it would pass the budget."""
+        n = t.numel()
+        if self.used + n > self.budget:
+            return None
+        if not self.blocks or self.fill + n > self.blocks[-1].numel():
+            size = min(max(SLAB_BYTES, n), max(n, self.budget - self.used))
+            self.blocks.append(torch.empty(size, dtype=torch.uint8).share_memory_())
+            self.fill = 0
+        block, off = len(self.blocks) - 1, self.fill
+        self.blocks[block][off:off + n].copy_(t.reshape(-1))
+        self.fill += n
+        self.used += n
+        return block, off
+
+
 class ImageStore:
-    """Decoded, resized images (uint8 CHW), kept in memory up to a byte budget; beyond it, decoded on
-    each access. Building it decodes every image once, which also finds the unreadable ones."""
+    """Decoded, resized images (uint8 CHW), kept in shared memory up to a byte budget (GRAFT_IMAGE_STORE_BYTES
+    on a worker); beyond it, decoded on each access. Building it decodes every image once, which also finds
+    the unreadable ones."""
 
     def __init__(self, paths: Sequence[Path], pre: Preprocessing, budget_bytes: int = 3 << 30,
                  max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
                  progress: Callable[[int, int], None] | None = None):
         self.pre, self.max_pixels = pre, max_pixels
         self.paths = list(paths)
-        self.cache: list[torch.Tensor | None] = [None] * len(self.paths)
+        # per image: (block, offset, channels, height, width), or None when not kept
+        self.cache: list[tuple[int, int, int, int, int] | None] = [None] * len(self.paths)
         self.errors: dict[int, str] = {}
-        used = 0
+        self._slabs = _Slabs(budget_bytes)
         threads = threads or min(8, len(os.sched_getaffinity(0)))
 
         def work(i: int):
@@ -68,22 +99,29 @@ class ImageStore:
             for n, (i, t, err) in enumerate(pool.map(work, range(len(self.paths))), 1):
                 if err:
                     self.errors[i] = err
-                elif used + t.numel() <= budget_bytes:
-                    self.cache[i] = t
-                    used += t.numel()
+                else:
+                    where = self._slabs.put(t)
+                    if where is not None:
+                        self.cache[i] = (*where, *t.shape)
                 if progress:
                     progress(n, len(self.paths))  # may raise to cancel the run
         finally:
             # on cancel, drop the images not started yet instead of decoding them all first
             pool.shutdown(wait=True, cancel_futures=True)
-        self.bytes = used
+        self.bytes = self._slabs.used
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def cached(self, i: int) -> bool:
+        return self.cache[i] is not None
+
     def get(self, i: int) -> torch.Tensor:
-        t = self.cache[i]
-        return t if t is not None else decode_for(self.paths[i], self.pre, self.max_pixels)
+        c = self.cache[i]
+        if c is None:
+            return decode_for(self.paths[i], self.pre, self.max_pixels)
+        block, off, ch, h, w = c
+        return self._slabs.blocks[block][off:off + ch * h * w].view(ch, h, w)
 
 
 # ---------------------------------------------------------------- transforms
@@ -144,7 +182,7 @@ def image_loader(store: ImageStore, idx: list[int], labels: list[int], transform
     """Batches of the store's images `idx`: decoded in loader workers until every one is cached in memory,
     then in this process (workers would only add start-up time)."""
     ds = ImageDataset(store, idx, labels, transform)
-    cached = all(store.cache[i] is not None for i in idx)
+    cached = all(store.cached(i) for i in idx)
     workers = 0 if cached else min(4, len(os.sched_getaffinity(0)))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=False)

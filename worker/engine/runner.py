@@ -491,10 +491,10 @@ class Runner:
 
 def run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, callbacks: Callbacks | None = None,
         resume: bool = False, cache_dir: str | Path | None = None, device: str | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS) -> RunResult:
+        max_pixels: int = DEFAULT_MAX_PIXELS, store_bytes: int = 3 << 30) -> RunResult:
     """Train `spec` on `data_dir`, writing checkpoints and model.pt under `out_dir`; images over `max_pixels`
-    are skipped and named. `spec.devices > 1`: data-parallel, one process per device (engine.distributed)."""
+    are skipped and named; at most `store_bytes` of decoded images are kept in memory. `spec.devices > 1`: data-parallel, one process per device (engine.distributed)."""
     if spec.devices > 1 and spec.strategy_kind != "features":  # a features run trains only the head: 1 process
         from .distributed import run_distributed
         return run_distributed(Runner, spec, data_dir, out_dir, callbacks, resume, cache_dir, device, max_pixels)
-    return Runner(spec, data_dir, out_dir, callbacks, resume, cache_dir, device, max_pixels=max_pixels).run()
+    return Runner(spec, data_dir, out_dir, callbacks, resume, cache_dir, device, store_bytes, max_pixels).run()

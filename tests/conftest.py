@@ -34,3 +34,7 @@ def hymenoptera_slice(tmp_path_factory) -> Path:
 def tiny_slice(tmp_path_factory) -> Path:
     """An even smaller slice for runs that train the whole network: 6 train, 3 val per class."""
     return _copy_slice(tmp_path_factory.mktemp("tiny"), {"train": 6, "val": 3}, offset=20)
+
+
+# one S3 server (SeaweedFS) for the whole session, whichever modules use it
+from support.s3 import s3_bucket, s3_server  # noqa: E402,F401

@@ -9,7 +9,6 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
-from support.s3 import s3_bucket, s3_server  # noqa: F401  (fixtures)
 from support.web import dataset_zip, make_app
 
 from app.db.models import Dataset

@@ -20,7 +20,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from support.db import PG_ADMIN_URL
 from support.paths import HYMENOPTERA
-from support.s3 import s3_bucket, s3_server  # noqa: F401  (fixtures)
 from support.web import dataset_zip
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

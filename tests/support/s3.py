@@ -45,12 +45,13 @@ def s3_server(tmp_path_factory):
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)
     root = tmp_path_factory.mktemp("seaweedfs")
-    (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g) = _ports(8)
+    (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, iceberg, lance, iam, debug) = _ports(12)
     log = root / "weed.log"
     cmd = [str(weed), "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
            f"-master.port={master}", f"-master.port.grpc={master_g}", f"-volume.port={volume}",
            f"-volume.port.grpc={volume_g}", f"-filer.port={filer}", f"-filer.port.grpc={filer_g}", "-s3",
-           f"-s3.port={s3}", f"-s3.port.grpc={s3_g}",
+           f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.port.iceberg={iceberg}", f"-s3.port.lance={lance}",
+           f"-iam.port={iam}", f"-debug.port={debug}",
            # every bucket is a collection that grows its own volumes: many small ones, plenty of them
            "-volume.max=200", "-master.volumeSizeLimitMB=16"]
     with open(log, "wb") as f:

@@ -14,6 +14,7 @@ import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -154,9 +155,15 @@ def run_train(a: Attempt) -> str:
             except FileNotFoundError:
                 pass
         reporter.checkpoint_sink = lambda path, kind: st.put_file(path, ckpt_key) if kind == "last" else None
+    spec = RunSpec(**a.spec)
+    cache: Any = settings.features_cache_dir  # a path, or a FeatureCache with a storage mirror
+    if not st.local and spec.devices == 1:  # features in storage too: a resume elsewhere finds them
+        from worker.engine.features import FeatureCache
+
+        cache = FeatureCache(settings.features_cache_dir, StorageMirror(st))
     result, outcome = call_engine(S, job_id, a.attempt, "job", lambda: run(
-        RunSpec(**a.spec), a.data_dir, out, reporter, resume=(out / "checkpoints" / "last.pt").is_file(),
-        cache_dir=settings.features_cache_dir, max_pixels=settings.max_image_pixels,
+        spec, a.data_dir, out, reporter, resume=(out / "checkpoints" / "last.pt").is_file(),
+        cache_dir=cache, max_pixels=settings.max_image_pixels,
         store_bytes=settings.image_store_bytes))
     if result is None:
         return outcome
@@ -181,6 +188,26 @@ def run_train(a: Attempt) -> str:
     if ok and not st.local:  # everything is in storage now; this worker's disk keeps only scratch copies
         shutil.rmtree(out, ignore_errors=True)
     return "succeeded" if ok else "superseded"
+
+
+class StorageMirror:
+    """The feature cache's second home (worker.engine.features.Mirror): objects under features/ in storage."""
+
+    def __init__(self, st: storage.Storage):
+        self.st = st
+
+    def fetch(self, name: str, dest: Path) -> bool:
+        try:
+            self.st.get_file(f"features/{name}", dest)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def store(self, src: Path, name: str) -> None:
+        self.st.put_file(src, f"features/{name}")
+
+    def remove(self, name: str) -> None:
+        self.st.delete(f"features/{name}")
 
 
 def dataset_dir(settings: Settings, data_rel: str) -> Path:

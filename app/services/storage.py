@@ -79,6 +79,9 @@ class Storage:
     def delete_prefix(self, prefix: str) -> None:
         raise NotImplementedError
 
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
     def presign(self, key: str, filename: str, expires_s: int = 3600) -> str | None:
         return None
 
@@ -131,6 +134,9 @@ class LocalStorage(Storage):
     def size(self, key: str) -> int | None:
         p = self.path(key)
         return p.stat().st_size if p.is_file() else None
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
         p = self.path(prefix)
@@ -214,6 +220,9 @@ class S3Storage(Storage):
         for i in range(0, len(batch), 1000):
             self._call(f"deleting {prefix}", self.client.delete_objects, Bucket=self.bucket,
                        Delete={"Objects": batch[i:i + 1000], "Quiet": True})
+
+    def delete(self, key: str) -> None:
+        self._call(f"deleting {key}", self.client.delete_object, Bucket=self.bucket, Key=self._k(key))
 
     def presign(self, key: str, filename: str, expires_s: int = 3600) -> str | None:
         return self._call(f"signing {key}", self.client.generate_presigned_url, "get_object", Params={

@@ -143,3 +143,24 @@ def test_an_unreachable_storage_answers_503_and_leaves_nothing(tmp_path, monkeyp
     assert not any(settings.datasets_dir.iterdir())
     assert not (settings.data_dir / "scratch").exists() or not any((settings.data_dir / "scratch").rglob("*.jpg"))
     storage._storage.cache_clear()
+
+
+def test_features_written_to_storage_are_found_by_another_worker(s3_bucket, tmp_path):  # noqa: F811
+    """The feature cache's mirror (worker.runjob.StorageMirror): an entry one worker writes is in the bucket,
+    and a second worker with an empty cache reads it from there instead of computing it."""
+    import torch
+
+    from worker.engine.features import FeatureCache
+    from worker.runjob import StorageMirror
+
+    st = storage.S3Storage(s3_bucket["url"])
+    one = FeatureCache(tmp_path / "worker1", StorageMirror(st))
+    feats = torch.randn(7, 5)
+    one.save("abc123", feats)
+    assert "features/abc123.pt" in _keys(s3_bucket)
+    two = FeatureCache(tmp_path / "worker2", StorageMirror(st))
+    got = two.load("abc123", (7, 5))
+    assert got is not None and torch.equal(got, feats) and two.path("abc123").is_file()
+    assert two.load("missing", (7, 5)) is None and two.load("abc123", (8, 5)) is None
+    two.drop("abc123")
+    assert "features/abc123.pt" not in _keys(s3_bucket)

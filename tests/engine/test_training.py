@@ -220,3 +220,45 @@ def test_cli_errors_say_what_to_fix(hymenoptera_slice, tmp_path, monkeypatch):
     assert p.returncode == 2 and "graft weights import" in p.stderr and "--no-pretrained" in p.stderr
     p = _graft("train", hymenoptera_slice, "--backbone", "nope", "--out", tmp_path / "o")
     assert p.returncode == 2 and "efficientnet_lite0" in p.stderr
+
+
+def test_a_run_stopped_in_the_feature_stage_resumes_from_the_parts_already_computed(hymenoptera_slice, tmp_path,
+                                                                                   monkeypatch):
+    """Features are computed and cached in parts: a run stopped half-way through them keeps the parts it made,
+    and the next run computes only the others, ending with the same features as an uninterrupted run."""
+    from domain.callbacks import Callbacks
+    from worker.engine import features
+
+    monkeypatch.setattr(features, "PART_IMAGES", 8)
+    spec = RunSpec(strategy="features", epochs=1, image_size=64, batch_size=4, feature_views=1)
+    fresh = run(spec, hymenoptera_slice, tmp_path / "fresh", Recorder(), cache_dir=tmp_path / "cache-fresh")
+    assert fresh.status == "completed"
+
+    class StopInFeatures(Recorder):
+        def should_stop(self):
+            return sum(p.stage == "features" for p in self.progress) >= 6
+
+    cache = tmp_path / "cache"
+    first = run(spec, hymenoptera_slice, tmp_path / "a", StopInFeatures(), cache_dir=cache)
+    assert first.status == "stopped"
+    parts = {p: p.stat().st_mtime_ns for p in (cache / "features").glob("*-part*.pt")}
+    assert parts, "no part was kept"
+
+    seen: list[int] = []
+
+    class Count(Callbacks):
+        def on_progress(self, p):
+            if p.stage == "features":
+                seen.append(p.done)
+
+    second = run(spec, hymenoptera_slice, tmp_path / "b", Count(), cache_dir=cache)
+    assert second.status == "completed" and second.val_acc == pytest.approx(fresh.val_acc)
+    assert not list((cache / "features").glob("*-part*.pt"))  # merged into whole entries, parts dropped
+    # the same features as the uninterrupted run (each part seeded on its own)
+    whole = sorted((cache / "features").glob("*.pt"))
+    ref = {p.name: p for p in (tmp_path / "cache-fresh" / "features").glob("*.pt")}
+    assert [p.name for p in whole] == sorted(ref)
+    for p in whole:
+        assert torch.equal(torch.load(p, weights_only=True), torch.load(ref[p.name], weights_only=True))
+    # a kept part counts at once (8 images), a computed one batch by batch (4): the first part was not redone
+    assert seen[0] >= 8, seen

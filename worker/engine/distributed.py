@@ -350,7 +350,7 @@ def _end(procs: list[Any], grace: float) -> None:
 
 
 def run_distributed(base: type, spec: RunSpec, data_dir: str | Path, out_dir: str | Path,
-                    callbacks: Callbacks | None = None, resume: bool = False, cache_dir: str | Path | None = None,
+                    callbacks: Callbacks | None = None, resume: bool = False, cache_dir: Any = None,
                     device: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> RunResult:
     """Run `base` (the Runner class) on `spec.devices` processes; this process relays their events to
     `callbacks` and their stop requests back, and returns rank 0's result."""
@@ -372,7 +372,7 @@ def run_distributed(base: type, spec: RunSpec, data_dir: str | Path, out_dir: st
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     procs = [ctx.Process(target=_rank_main, name=f"graft-rank{r}", args=(
         r, world, init, backend, base, spec, str(data_dir), str(out_dir), resume,
-        str(cache_dir) if cache_dir else None, dev.type, max_pixels, events, stop, os.getpid()))
+        str(getattr(cache_dir, "root", cache_dir)) if cache_dir else None, dev.type, max_pixels, events, stop, os.getpid()))
         for r in range(world)]
     result: RunResult | None = None
     error: tuple | None = None

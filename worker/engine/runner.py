@@ -55,7 +55,7 @@ class Runner:
 
     def __init__(self, spec: RunSpec, data_dir: str | Path, out_dir: str | Path | None = None,
                  callbacks: Callbacks | None = None, resume: bool = False,
-                 cache_dir: str | Path | None = None, device: str | None = None,
+                 cache_dir: str | Path | FeatureCache | None = None, device: str | None = None,
                  store_budget_bytes: int = 3 << 30, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.spec = spec
         self.max_pixels = max_pixels  # larger images are skipped and named (a server's GRAFT_MAX_IMAGE_PIXELS)
@@ -63,8 +63,8 @@ class Runner:
         self.out = Path(out_dir) if out_dir is not None else None
         self.cb = CallbackList(callbacks)
         self.resume = resume
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.feature_cache = FeatureCache(self.cache_dir) if self.cache_dir else None
+        self.feature_cache = cache_dir if isinstance(cache_dir, FeatureCache) else FeatureCache(cache_dir) if cache_dir else None
+        self.cache_dir = self.feature_cache.root if self.feature_cache is not None else None
         self.device = pick_device(device)
         self.budget = store_budget_bytes
         self.accum = 1  # gradient accumulation steps per batch (raised when the GPU runs out of memory)
@@ -163,10 +163,10 @@ class Runner:
 
     def _extract(self, idx, labels, preset: str, view: int, progress: _Progress, stage_t0: float,
                  done_before: int, total: int) -> torch.Tensor:
-        transform = eval_transform(self.pre.image_size) if preset == "eval" else train_transform(
-            preset, self.pre.image_size)
+        transform = eval_transform(self.pre.image_size) if preset == "eval" else train_transform(preset, self.pre.image_size)
         feats, hit = self._extractor().get(
-            [self.items[i] for i in idx], preset, view, lambda: self._loader(idx, labels, transform, shuffle=False),
+            [self.items[i] for i in idx], preset, view,
+            lambda a, b: self._loader(idx[a:b], labels[a:b], transform, shuffle=False),
             self._inputs, self._autocast, lambda done: progress(
                 "features", 0, done_before + done, total, stage_t0,
                 self._eta_after_features(done_before + done, stage_t0)))
@@ -490,7 +490,7 @@ class Runner:
 
 
 def run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, callbacks: Callbacks | None = None,
-        resume: bool = False, cache_dir: str | Path | None = None, device: str | None = None,
+        resume: bool = False, cache_dir: str | Path | FeatureCache | None = None, device: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS, store_bytes: int = 3 << 30) -> RunResult:
     """Train `spec` on `data_dir`, writing checkpoints and model.pt under `out_dir`; images over `max_pixels`
     are skipped and named; at most `store_bytes` of decoded images are kept in memory. `spec.devices > 1`: data-parallel, one process per device (engine.distributed)."""

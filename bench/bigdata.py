@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--part-mb", type=int, default=100)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--train-image-size", type=int, default=0, help="also time a `features` run's first epoch "
+                    "on the dataset at this image size (the engine in this process, as a worker runs it)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="graft-bigdata-"))
     t = time.perf_counter()
@@ -140,12 +142,33 @@ def main() -> None:
     finally:
         web.terminate()
         web.wait(30)
+    first_epoch = None
+    if args.train_image_size:
+        sys.path.insert(0, str(ROOT))
+        from domain.callbacks import Callbacks
+        from domain.spec import RunSpec
+        from worker.engine.runner import run
+
+        class FirstEpoch(Callbacks):
+            def __init__(self):
+                self.t0, self.first = time.perf_counter(), None
+
+            def on_epoch_end(self, m):
+                self.first = self.first or time.perf_counter() - self.t0
+
+        root = next((data / "datasets").iterdir())
+        cb = FirstEpoch()
+        res = run(RunSpec(strategy="features", epochs=1, image_size=args.train_image_size, feature_views=1),
+                  root, work / "run", cb, cache_dir=work / "cache")
+        first_epoch = {"image_size": args.train_image_size, "first_epoch_s": round(cb.first or 0, 1),
+                       "run_s": round(res.seconds, 1), "val_acc": res.val_acc}
     out = {"images": args.images, "bytes": total, "parts": len(parts), "make_parts_s": round(make_s, 1),
            "upload_s": round(t_up - t0, 1), "upload_mb_s": round(total / 2**20 / (t_up - t0), 1),
            "dataset_from_parts_s": round(t_ds - t_up, 1), "dataset_page_s": round(t_page - t_ds, 2),
            "dataset_page_status": page.status_code, "first_thumbs_s": round(t_thumbs - t_page, 2),
            "thumb_statuses": [x.status_code for x in thumbs], "web_peak_rss_mb": round(peak, 1),
-           "num_images": ds["num_images"], "cpu": cpu_name(), "command": command_line()}
+           "num_images": ds["num_images"], "first_epoch": first_epoch, "cpu": cpu_name(),
+           "command": command_line()}
     print(f"| {args.images} images, {total / 2**30:.2f} GiB in {len(parts)} parts | seconds |")
     print("| --- | --- |")
     for k in ("upload_s", "dataset_from_parts_s", "dataset_page_s", "first_thumbs_s"):

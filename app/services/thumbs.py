@@ -8,6 +8,7 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -88,21 +89,49 @@ def sample_thumbnail(settings: Settings, ds: Dataset, class_index: int, n: int) 
         raise NotFound(f"class {ds.classes[class_index]!r} has no train image number {n} (it has {train_count}, "
                        "from 0)")
     cached = thumbs_folder(settings, ds) / f"c{class_index}_{n}.jpg"
-    if cached.is_file():  # before the dataset's files: with object storage they may not be on this host
-        return cached.read_bytes()
-    folder = dataset_folder(settings, ds)
-    images = _train_images(folder).get(class_index, [])
-    if n >= len(images):
-        raise NotFound(f"class {ds.classes[class_index]!r} has no train image number {n} on disk")
-    return _thumbnail(folder, images[n], cached)
+
+    def make() -> bytes:  # only when no copy exists: the dataset's files may not be on this host
+        folder = dataset_folder(settings, ds)
+        images = _train_images(folder).get(class_index, [])
+        if n >= len(images):
+            raise NotFound(f"class {ds.classes[class_index]!r} has no train image number {n} on disk")
+        return _thumbnail(folder, images[n], cached)
+
+    return _stored(settings, cached, make)
 
 
 def file_thumbnail(settings: Settings, ds: Dataset, rel: str) -> bytes:
     """JPEG thumbnail of one file of the dataset, named relative to the dataset's root (as in evaluations)."""
-    folder = dataset_folder(settings, ds)
-    path = folder.joinpath(*Path(ds.path).parts[2:]) / rel
     key = uuid.uuid5(uuid.NAMESPACE_URL, rel).hex
-    return _thumbnail(folder, path, thumbs_folder(settings, ds) / f"f{key}.jpg")
+    cached = thumbs_folder(settings, ds) / f"f{key}.jpg"
+
+    def make() -> bytes:
+        folder = dataset_folder(settings, ds)
+        return _thumbnail(folder, folder.joinpath(*Path(ds.path).parts[2:]) / rel, cached)
+
+    return _stored(settings, cached, make)
+
+
+def _stored(settings: Settings, cached: Path, make: Callable[[], bytes]) -> bytes:
+    """A thumbnail from this host's copy, else (object storage) from the bucket, else made, and then kept
+    in both: a web process on another host, or after a restart, does not fetch the dataset to show it."""
+    if cached.is_file():
+        return cached.read_bytes()
+    st = storage.for_settings(settings)
+    key = "thumbs/" + cached.relative_to(settings.thumbs_dir).as_posix()
+    if not st.local:
+        try:
+            st.get_file(key, cached)
+            return cached.read_bytes()
+        except (FileNotFoundError, storage.StorageError):
+            pass
+    data = make()
+    if not st.local and cached.is_file():
+        try:
+            st.put_file(cached, key)
+        except storage.StorageError:
+            pass  # shown anyway; made again elsewhere
+    return data
 
 
 def _thumbnail(folder: Path, path: Path, cached: Path) -> bytes:

@@ -94,6 +94,13 @@ def test_the_app_keeps_datasets_and_models_in_the_bucket(s3_bucket, tmp_path):  
     page.get(f"/login?token={link}")
     r = page.get(f"/datasets/{ds['id']}/samples/0/0.jpg")
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content[:2] == b"\xff\xd8"
+    # the thumbnail itself is kept in the bucket: another web host shows it without fetching the dataset
+    assert any(k.startswith("thumbs/") for k in _keys(s3_bucket))
+    shutil.rmtree(settings.data_dir / "scratch")
+    shutil.rmtree(settings.thumbs_dir)
+    again = page.get(f"/datasets/{ds['id']}/samples/0/0.jpg")
+    assert again.status_code == 200 and again.content == r.content
+    assert not (settings.data_dir / "scratch" / "datasets").exists()
     # a model stored under runs/ downloads from the bucket (streamed, or a presigned redirect)
     job = c.post("/api/v1/jobs", headers=h, json={"dataset_id": ds["id"], "epochs": 1}).json()
     from app.db.models import Artifact, Job

@@ -98,12 +98,17 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--part-mb", type=int, default=100)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--parts-dir", type=Path, help="reuse the zip parts of an earlier run (its part*.zip)")
     ap.add_argument("--train-image-size", type=int, default=0, help="also time a `features` run's first epoch "
                     "on the dataset at this image size (the engine in this process, as a worker runs it)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="graft-bigdata-"))
     t = time.perf_counter()
-    parts, total = make_parts(args.images, args.part_mb << 20, work)
+    if args.parts_dir:
+        parts = sorted(args.parts_dir.glob("part*.zip"))
+        total = sum(len(zi.filename) * 0 + zi.file_size for p in parts for zi in zipfile.ZipFile(p).infolist())
+    else:
+        parts, total = make_parts(args.images, args.part_mb << 20, work)
     make_s = time.perf_counter() - t
     data = work / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}

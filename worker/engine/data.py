@@ -95,8 +95,13 @@ class ImageStore:
                 return i, None, str(e)
 
         pool = ThreadPoolExecutor(threads)
+
+        def windows():  # a window of tasks at a time: Executor.map makes every future up front
+            for a in range(0, len(self.paths), 1024):
+                yield from pool.map(work, range(a, min(len(self.paths), a + 1024)))
+
         try:
-            for n, (i, t, err) in enumerate(pool.map(work, range(len(self.paths))), 1):
+            for n, (i, t, err) in enumerate(windows(), 1):
                 if err:
                     self.errors[i] = err
                 else:

@@ -28,6 +28,10 @@ def field_of(html: str, name: str) -> str:
 
 def dataset_zip(per_class: dict[str, int]) -> bytes:
     """hymenoptera/{train,val}/{ants,bees} with the first n images of each class."""
+    if not HYMENOPTERA.is_dir():
+        import pytest
+
+        pytest.fail(f"the shared dataset {HYMENOPTERA} is missing (it is at ../shared from the repo root)")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for split, n in per_class.items():

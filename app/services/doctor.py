@@ -88,12 +88,13 @@ def is_junk(name: str) -> bool:
     return name in JUNK_NAMES or name.startswith(".")
 
 
-def sweep(folder: Path) -> tuple[list[str], list[Path], dict[Path, list[str]]]:
+def sweep(folder: Path) -> tuple[list[str], list[str], dict[Path, list[str]]]:
     """Removes stray files (system files and folders, non-image files). Returns the removed names (a
-    folder once, with a trailing /), the image files that remain, and the removed names by folder."""
+    folder once, with a trailing /), the image files that remain (as strings: 100,000 Path objects weigh
+    ~100 MB), and the removed names by folder."""
     removed: list[str] = []
     by_dir: dict[Path, list[str]] = defaultdict(list)
-    images: list[Path] = []
+    images: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         d = Path(dirpath)
         for n in sorted(dirnames):
@@ -110,13 +111,13 @@ def sweep(folder: Path) -> tuple[list[str], list[Path], dict[Path, list[str]]]:
                 removed.append(p.relative_to(folder).as_posix())
                 by_dir[d].append(n)
             else:
-                images.append(p)
+                images.append(str(p))
     return removed, images, by_dir
 
 
 @dataclass(slots=True)
 class ImageCheck:
-    path: Path
+    path: str
     sha256: str = ""
     mode: str = ""
     size: tuple[int, int] = (0, 0)
@@ -124,13 +125,13 @@ class ImageCheck:
     bomb: str | None = None  # too large to decode safely: why
 
 
-def check_image(path: Path, max_pixels: int) -> ImageCheck:
+def check_image(path: str, max_pixels: int) -> ImageCheck:
     """Hash and decode one image (a JPEG at 1/8 scale: every byte is still read and checked)."""
     c = ImageCheck(path)
     try:
         with open(path, "rb") as f:
             c.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-        if path.stat().st_size == 0:
+        if os.path.getsize(path) == 0:
             c.error = "empty file, 0 bytes"
             return c
         with Image.open(path) as img:
@@ -156,7 +157,11 @@ def check_image(path: Path, max_pixels: int) -> ImageCheck:
 CHECK_WINDOW = 1024
 
 
-def check_images(paths: list[Path], settings: Settings) -> list[ImageCheck]:
+def _under(path: str, folder: Path) -> bool:
+    return path.startswith(str(folder) + os.sep)
+
+
+def check_images(paths: list[str], settings: Settings) -> list[ImageCheck]:
     if not paths:
         return []
     check = partial(check_image, max_pixels=settings.max_image_pixels)
@@ -175,14 +180,14 @@ def examine(folder: Path, settings: Settings) -> DataSplit:
     """Checks the upload in `folder` (stray files and unreadable images are removed from it) and returns
     its split, with the doctor's warnings. Raises a 4xx AppError that lists every problem otherwise."""
 
-    def rel(p: Path) -> str:
-        return p.relative_to(folder).as_posix()
+    def rel(p: Path | str) -> str:
+        return Path(p).relative_to(folder).as_posix()
 
     stray, image_paths, stray_by_dir = sweep(folder)
     checks = check_images(image_paths, settings)
     unreadable = [c for c in checks if c.error]
     for c in unreadable:
-        c.path.unlink()
+        os.unlink(c.path)
     bombs = [c for c in checks if c.bomb]
     good = [c for c in checks if not c.error and not c.bomb]
 
@@ -251,7 +256,7 @@ def _layout_problems(found: Folders, folder: Path, rel, unreadable: list[ImageCh
                 if per_class[cls]:
                     continue
                 d = _class_dir(found, split, cls)
-                lost = [c for c in unreadable if c.path.is_relative_to(d)]
+                lost = [c for c in unreadable if _under(c.path, d)]
                 others = [n for k, v in stray_by_dir.items() if k == d or k.is_relative_to(d) for n in v]
                 why = (f" (its {plural(len(lost), 'image')} {'was' if len(lost) == 1 else 'were all'} unreadable: "
                        f"{examples(f'{rel(c.path)} ({c.error})' for c in lost)})" if lost
@@ -294,13 +299,13 @@ def _warnings(split: DataSplit, found: Folders, folder: Path, rel, stray: list[s
                          "re-export or re-download them (they are corrupt, truncated or empty) and upload again "
                          "if you need them"))
     w.extend(found.notes)
-    used = {p for p, _ in split.train + split.val}
+    used = {str(p) for p, _ in split.train + split.val}
     extra_dirs = found.val_dirs[1:] if found.train_dir is not None and found.val is not None else []
     for d in extra_dirs:
-        n = sum(1 for c in good if c.path.is_relative_to(d))
+        n = sum(1 for c in good if _under(c.path, d))
         w.append(Problem(f"ignored {rel(d)}/ ({plural(n, 'image')}): {rel(found.val_dirs[0])}/ is the val split",
                          f"merge it into {rel(found.val_dirs[0])}/ if those images should validate the model"))
-    unused = [c for c in good if c.path not in used and not any(c.path.is_relative_to(d) for d in extra_dirs)]
+    unused = [c for c in good if c.path not in used and not any(_under(c.path, d) for d in extra_dirs)]
     if unused:
         w.append(Problem(f"{plural(len(unused), 'image')} outside the class folders "
                          f"{'is' if len(unused) == 1 else 'are'} not used: {examples(rel(c.path) for c in unused)}",
@@ -334,7 +339,7 @@ def _warnings(split: DataSplit, found: Folders, folder: Path, rel, stray: list[s
     for name, items in (("train", split.train), ("val", split.val)):
         groups: dict[str, list[tuple[Path, int]]] = defaultdict(list)
         for p, lbl in items:
-            groups[by_path[p].sha256].append((p, lbl))
+            groups[by_path[str(p)].sha256].append((p, lbl))
         dups = [g for g in groups.values() if len(g) > 1]
         if dups:
             copies = sum(len(g) - 1 for g in dups)
@@ -348,8 +353,8 @@ def _warnings(split: DataSplit, found: Folders, folder: Path, rel, stray: list[s
                                                                        "class" if mixed else "")))
     train_sha: dict[str, Path] = {}
     for p, _ in split.train:
-        train_sha.setdefault(by_path[p].sha256, p)
-    leaked = [(p, train_sha[by_path[p].sha256]) for p, _ in split.val if by_path[p].sha256 in train_sha]
+        train_sha.setdefault(by_path[str(p)].sha256, p)
+    leaked = [(p, train_sha[by_path[str(p)].sha256]) for p, _ in split.val if by_path[str(p)].sha256 in train_sha]
     if leaked:
         w.append(Problem(f"{plural(len(leaked), 'val image')} {'is' if len(leaked) == 1 else 'are'} also in train "
                          f"(the same content): {examples(f'{rel(v)} = {rel(t)}' for v, t in leaked)}",
@@ -357,7 +362,7 @@ def _warnings(split: DataSplit, found: Folders, folder: Path, rel, stray: list[s
                          if explicit_val else
                          "this inflates the val accuracy (val is drawn from the same folders): delete the copies"))
 
-    used_checks = [by_path[p] for p in sorted(used)]
+    used_checks = [by_path[p] for p in sorted(used, key=lambda s: s.split(os.sep))]  # in Path order
     odd = [c for c in used_checks if c.mode != "RGB"]
     if odd:
         modes = Counter(c.mode for c in odd)

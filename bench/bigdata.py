@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
-from _common import DATASETS, ROOT, command_line, cpu_name, free_port, wait_http
+from _common import DATASETS, ROOT, command_line, cpu_name, free_port, peak_rss_mb, wait_http
 from PIL import Image, ImageOps
 
 GRAFT = Path(sys.executable).with_name("graft")
@@ -84,13 +84,6 @@ def tus_upload(c: httpx.Client, path: Path) -> str:
             r.raise_for_status()
             offset = int(r.headers["Upload-Offset"])
     return url.rstrip("/").rsplit("/", 1)[1]
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

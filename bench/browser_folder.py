@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import command_line, cpu_name, free_port, wait_http
+from _common import command_line, cpu_name, free_port, peak_rss_mb, wait_http
 from PIL import Image
 
 GRAFT = Path(sys.executable).with_name("graft")
@@ -41,14 +41,6 @@ def make_folder(root: Path, n: int) -> int:
         (d / f"{i:06d}.jpg").write_bytes(buf.getvalue())
         total += len(buf.getvalue())
     return total
-
-
-def peak_rss_mb(pid: int) -> float:
-    """The process's peak resident memory (`graft serve` runs the web app in its own process)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ import uuid
 import zipfile
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
@@ -191,25 +192,33 @@ def check_zip(zf: zipfile.ZipFile, settings: Settings) -> list[zipfile.ZipInfo]:
 
 def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, settings: Settings) -> None:
     """Entries already checked by check_zip. Folders are created too, so that an empty class folder shows."""
+    _extract_entries(((i.filename, i.is_dir(), partial(zf.open, i)) for i in infos), dest, settings)
+
+
+def _extract_entries(entries: Iterable[tuple[str, bool, Callable[[], IO[bytes] | None]]], dest: Path,
+                     settings: Settings) -> None:
+    """(name, is a folder, open it) of an archive's checked entries into `dest`: the sizes are counted as they
+    come out (a declared size may lie), names that would leave `dest` are refused, write errors named."""
     found = _EntryProblems()
     written = 0
     root = dest.resolve()
-    for info in infos:
-        target = dest / PurePosixPath(info.filename.replace("\\", "/"))
+    for name, is_dir, open_entry in entries:
+        target = dest / PurePosixPath(name.replace("\\", "/"))
         if not target.resolve().is_relative_to(root):
-            found.by_kind["dotdot"].append(info.filename)
+            found.by_kind["dotdot"].append(name)
             continue
         try:
-            if info.is_dir():
+            if is_dir:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
-            with zf.open(info) as src:
-                # the declared size may lie: count what really comes out
-                written += _write_entry(target, _ZipSource(src), settings.max_extracted_bytes - written)
+            src = open_entry()
+            if src is not None:
+                with src:
+                    written += _write_entry(target, _ZipSource(src), settings.max_extracted_bytes - written)
         except _TooLarge:
             raise _extracted_too_large(settings.max_extracted_bytes) from None
         except OSError as e:
-            found.os_error(info.filename, e)
+            found.os_error(name, e)
     if found.problems():
         refuse(found.problems(), BadRequest)
 
@@ -400,29 +409,8 @@ def check_tar(tf: tarfile.TarFile, settings: Settings) -> list[tarfile.TarInfo]:
 
 
 def _extract_tar(tf: tarfile.TarFile, infos: list[tarfile.TarInfo], dest: Path, settings: Settings) -> None:
-    """_extract for a tar's entries already checked by check_tar; the sizes are counted as they come out."""
-    found = _EntryProblems()
-    written = 0
-    root = dest.resolve()
-    for m in infos:
-        target = dest / PurePosixPath(m.name.replace("\\", "/"))
-        if not target.resolve().is_relative_to(root):
-            found.by_kind["dotdot"].append(m.name)
-            continue
-        try:
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            src = tf.extractfile(m)
-            if src is not None:
-                with src:
-                    written += _write_entry(target, _ZipSource(src), settings.max_extracted_bytes - written)
-        except _TooLarge:
-            raise _extracted_too_large(settings.max_extracted_bytes) from None
-        except OSError as e:
-            found.os_error(m.name, e)
-    if found.problems():
-        refuse(found.problems(), BadRequest)
+    """_extract for a tar's entries already checked by check_tar."""
+    _extract_entries(((m.name, m.isdir(), partial(tf.extractfile, m)) for m in infos), dest, settings)
 
 
 def _extract_part(path: Path, dest: Path, settings: Settings) -> None:

@@ -8,10 +8,19 @@ from sqlalchemy import select
 from app.api.deps import SessionDep, SettingsDep
 from app.core.errors import NotFound, Unauthorized
 from app.db.models import Job
-from app.services import access, thumbs, workspaces
+from app.services import access, thumbs
 from app.services import datasets as dataset_service
 from app.web import probe as probe_pages
-from app.web.render import PageUser, SignedIn, _not_found, current_workspace, page_id, page_object, render
+from app.web.render import (
+    PageUser,
+    SignedIn,
+    _not_found,
+    current_workspace,
+    my_workspaces,
+    page_id,
+    page_object,
+    render,
+)
 from domain.advice import STRATEGIES
 
 router = APIRouter(include_in_schema=False)
@@ -22,7 +31,7 @@ SAMPLES_PER_CLASS = 4
 def dataset_new(request: Request, session: SessionDep, settings: SettingsDep, user: SignedIn):
     """The upload page: into a workspace where the user may upload (the current one when they may)."""
     current, _ = current_workspace(request, session, user)
-    targets = [w for w, r in workspaces.mine(session, user) if access.allows(r, access.EDIT)]
+    targets = [w for w, r in my_workspaces(request, session, user) if access.allows(r, access.EDIT)]
     return render(request, "dataset_new.html", {"nav": "upload", "max_upload_bytes": settings.max_upload_bytes,
                                                 "targets": targets, "current_id": current.id}, user=user)
 

@@ -100,19 +100,30 @@ def page_user(request: Request, session: SessionDep) -> User | None:
 WORKSPACE_COOKIE = "graft_workspace"
 
 
+def my_workspaces(request: Request, session: Session, user: User) -> list[tuple[Workspace, str]]:
+    """The user's (workspace, role) pairs, read once per request (the top bar and the page both use them)."""
+    from app.services import workspaces
+
+    mine = getattr(request.state, "my_workspaces", None)
+    if mine is None:
+        mine = workspaces.mine(session, user)
+        if not any(w.personal_user_id == user.id for w, _ in mine):  # a user made before workspaces
+            workspaces.personal(session, user)
+            session.commit()
+            mine = workspaces.mine(session, user)
+        request.state.my_workspaces = mine
+    return mine
+
+
 def current_workspace(request: Request, session: Session, user: User) -> tuple[Workspace, str]:
     """The workspace the pages show (chosen with the switcher; a cookie), with the user's role there;
     the personal workspace when none is chosen or the chosen one is no longer theirs."""
-    from app.services import workspaces
-
     raw = request.cookies.get(WORKSPACE_COOKIE, "")
-    mine = workspaces.mine(session, user)
+    mine = my_workspaces(request, session, user)
     for ws, role in mine:
         if raw.isdigit() and ws.id == int(raw):
             return ws, role
-    personal = workspaces.personal(session, user)
-    session.commit()
-    return personal, "owner"
+    return next((w, r) for w, r in mine if w.personal_user_id == user.id)
 
 
 PageUser = Annotated[User | None, Depends(page_user)]
@@ -155,10 +166,8 @@ def render(request: Request, name: str, context: dict[str, Any] | None = None, s
            "nav": None, **(context or {})}
     session = getattr(request.state, "page_session", None)
     if user is not None and session is not None and "workspace" not in ctx:
-        from app.services import workspaces
-
         ctx["workspace"], ctx["workspace_role"] = current_workspace(request, session, user)
-        ctx["my_workspaces"] = workspaces.mine(session, user)
+        ctx["my_workspaces"] = my_workspaces(request, session, user)
     resp = templates.TemplateResponse(request, name, ctx, status_code=status_code)
     resp.headers["Cache-Control"] = "no-store"
     return resp

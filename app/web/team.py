@@ -18,6 +18,7 @@ from app.web.render import (
     SignedIn,
     check_csrf,
     error_page,
+    my_workspaces,
     page_id,
     read_form,
     render,
@@ -40,7 +41,7 @@ def _failed(request: Request, user: User, e: AppError, title: str) -> HTMLRespon
 
 @router.get("/workspaces")
 def workspaces_page(request: Request, session: SessionDep, user: SignedIn):
-    return render(request, "workspaces.html", {"nav": "workspaces", "rows": workspaces.mine(session, user)},
+    return render(request, "workspaces.html", {"nav": "workspaces", "rows": my_workspaces(request, session, user)},
                   user=user)
 
 
@@ -69,7 +70,7 @@ async def switch_workspace(request: Request, session: SessionDep, user: SignedIn
     if not check_csrf(request, form):
         return _refused(request, user)
     wid = page_id(form.get("workspace_id", ""))
-    if wid is None or not any(w.id == wid for w, _ in workspaces.mine(session, user)):
+    if wid is None or not any(w.id == wid for w, _ in my_workspaces(request, session, user)):
         return error_page(request, 404, "Not found", "There is no such workspace of yours.", user)
     resp = RedirectResponse("/", status_code=303)
     resp.set_cookie(WORKSPACE_COOKIE, str(wid), max_age=365 * 24 * 3600, httponly=True, samesite="strict",
@@ -80,7 +81,7 @@ async def switch_workspace(request: Request, session: SessionDep, user: SignedIn
 def _workspace_view(request: Request, session: Session, user: User, raw_id: str, status_code: int = 200,
                     notice: str | None = None) -> Response:
     wid = page_id(raw_id)
-    mine = {w.id: (w, r) for w, r in workspaces.mine(session, user)}
+    mine = {w.id: (w, r) for w, r in my_workspaces(request, session, user)}
     try:
         ws = workspaces.get_managed(session, user, wid) if wid is not None else None
         manage = True

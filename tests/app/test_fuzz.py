@@ -35,6 +35,7 @@ from schemathesis.checks import (  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 from sqlalchemy import select, update  # noqa: E402
 from support.paths import HYMENOPTERA
+from support.web import dataset_zip
 
 from app.core.settings import Settings  # noqa: E402
 from app.db.migrate import run_migrations  # noqa: E402
@@ -82,20 +83,9 @@ class FuzzEnv:
         return self.ids
 
 
-def _dataset_zip() -> bytes:
-    import zipfile
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for split, n in (("train", 3), ("val", 2)):
-            for cls in ("ants", "bees"):
-                for f in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
-                    zf.writestr(f"hymen/{split}/{cls}/{f.name}", f.read_bytes())
-    return buf.getvalue()
-
-
 def _make_dataset(s, settings: Settings, user) -> Dataset:
-    return dataset_service.create_from_zip(s, settings, user, "fuzz", io.BytesIO(_dataset_zip()))
+    zipped = dataset_zip({"train": 3, "val": 2}, top="hymen")
+    return dataset_service.create_from_zip(s, settings, user, "fuzz", io.BytesIO(zipped))
 
 
 def _make_job(s, settings: Settings, user, dataset_id: int, status: str) -> Job:

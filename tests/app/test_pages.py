@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import re
-import zipfile
 from html.parser import HTMLParser
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from support.paths import HYMENOPTERA, ROOT
+from support.web import csrf_of, dataset_zip
 
 from app.core.settings import Settings
 from app.db.migrate import run_migrations
@@ -38,22 +38,6 @@ def internal_links(html: str) -> set[str]:
     p = Links()
     p.feed(html)
     return p.urls
-
-
-def csrf_of(html: str) -> str:
-    m = re.search(r'<meta name="csrf-token" content="([^"]*)"', html)
-    assert m, "no csrf-token meta tag"
-    return m.group(1)
-
-
-def dataset_zip(per_class: dict[str, int]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for split, n in per_class.items():
-            for cls in ("ants", "bees"):
-                for f in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
-                    zf.write(f, f"hymenoptera/{split}/{cls}/{f.name}")
-    return buf.getvalue()
 
 
 def sign_in(app, client: TestClient, name: str) -> None:

@@ -22,7 +22,6 @@ import hmac
 import io
 import re
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from PIL import Image
 from sqlalchemy import func, select, update
 from support.db import db_url  # noqa: F401  (the parametrized sqlite/postgres fixture)
 from support.paths import HYMENOPTERA
+from support.web import dataset_zip
 
 from app.api import deps
 from app.api.routes import jobs as jobs_routes
@@ -54,13 +54,7 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _zip() -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for split, n in (("train", 3), ("val", 2)):
-            for cls in ("ants", "bees"):
-                for f in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
-                    zf.writestr(f"hymen/{split}/{cls}/{f.name}", f.read_bytes())
-    return buf.getvalue()
+    return dataset_zip({"train": 3, "val": 2}, top="hymen")
 
 
 def _jpeg() -> bytes:

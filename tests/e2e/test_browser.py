@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from urllib.parse import urljoin, urlparse
 import playwright.sync_api as playwright_api
 import pytest
 from support.paths import HYMENOPTERA, ROOT
+from support.procs import free_port
 
 pytestmark = pytest.mark.e2e  # starts real servers
 
@@ -57,12 +57,6 @@ def _ensure_chromium() -> Path:
     pytest.skip(msg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _slice(dst: Path, per_class: dict[str, int], offset: int) -> Path:
     for split, n in per_class.items():
         for cls in ("ants", "bees"):
@@ -85,7 +79,7 @@ def out_dir() -> Path:
 def server(tmp_path_factory):
     """`graft serve` on embedded defaults (SQLite, files, a local worker and inference service)."""
     home = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
     # progress written 4 times a second (default: every 2 s), so that a short job still shows it moving
     env.update(GRAFT_DATA_DIR=str(home / "data"), GRAFT_OFFLINE="1", PYTHONUNBUFFERED="1",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from support.db import PG_ADMIN_URL
 from support.paths import HYMENOPTERA
+from support.procs import free_port
 from support.web import dataset_zip
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -27,12 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 GRAFT = Path(sys.executable).with_name("graft")
 REDIS_URL = "redis://127.0.0.1:6379/13"
 JOB = {"strategy": "full", "epochs": 4, "image_size": 64, "batch_size": 4, "augment": "none"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _need(what: str, check) -> None:
@@ -87,7 +81,7 @@ def test_two_workers_without_a_shared_disk(tmp_path, pg_database, s3_bucket):  #
     r = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
     _need("Redis", r.ping)
     r.flushdb()
-    web_port, inference_port = _port(), _port()
+    web_port, inference_port = free_port(), free_port()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("GRAFT_", "AWS_"))}
     base_env.update(s3_bucket["env"], GRAFT_DATABASE_URL=pg_database, GRAFT_BROKER_URL=REDIS_URL, GRAFT_OFFLINE="1",
                     PYTHONUNBUFFERED="1", GRAFT_HEARTBEAT_TIMEOUT_S="8", GRAFT_HEARTBEAT_INTERVAL_S="1",

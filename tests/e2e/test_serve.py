@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,37 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.procs import alive, children, free_port
 
 pytestmark = pytest.mark.e2e  # starts real servers
 
 GRAFT = Path(sys.executable).with_name("graft")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(d.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _start(tmp_path, port: int):
@@ -83,7 +56,7 @@ def test_serve_prints_a_sign_in_link_and_stops_cleanly(tmp_path, sig):
     prints a one-time sign-in link; a signal stops serve and its children, status 0."""
     from support.web import field_of
 
-    port = _free_port()
+    port = free_port()
     proc, log = _start(tmp_path, port)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -109,19 +82,19 @@ def test_serve_prints_a_sign_in_link_and_stops_cleanly(tmp_path, sig):
             assert c.get("/").status_code == 200
             assert c.get(url.replace(base, "")).status_code == 401  # the link works once
         assert (tmp_path / "data" / "graft.db").is_file()
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         assert workers, "no worker child process"
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0, log.read_text()
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        while time.monotonic() < deadline and any(alive(w) for w in workers):
             time.sleep(0.2)
-        assert not any(_alive(w) for w in workers), "the worker outlived graft serve"
+        assert not any(alive(w) for w in workers), "the worker outlived graft serve"
         assert "Graft stopped." in log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
-        for w in _children(proc.pid):
+        for w in children(proc.pid):
             os.kill(w, signal.SIGKILL)
 
 
@@ -129,7 +102,7 @@ def test_serve_prints_a_sign_in_link_and_stops_cleanly(tmp_path, sig):
 def test_serve_starts_quietly_and_a_signal_stops_it_with_status_0(tmp_path, sig):
     """The start-up output: the link block, one line per process, where the logs are; no Celery banner nor
     warnings (they go to <data_dir>/logs/worker.log). SIGINT (Ctrl-C) or SIGTERM: every child stops, status 0."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
     env.update(GRAFT_DATA_DIR=str(tmp_path / "data"), GRAFT_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = tmp_path / "serve.log"
@@ -158,29 +131,29 @@ def test_serve_starts_quietly_and_a_signal_stops_it_with_status_0(tmp_path, sig)
         assert len([ln for ln in lines if re.fullmatch(r"inference  pid \d+ on 127\.0\.0\.1:\d+", ln)]) == 1, out
         assert f"logs  {logs} (worker.log, inference.log)" in lines, out
         pids = {int(m) for m in re.findall(r"^(?:worker|inference)  pid (\d+)", out, re.M)}
-        kids = _children(proc.pid)
+        kids = children(proc.pid)
         assert pids == set(kids), (pids, kids)
         assert re.search(r"graft-\d+@", (logs / "worker.log").read_text())  # the banner went there
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0, log.read_text()
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_alive(k) for k in kids):
+        while time.monotonic() < deadline and any(alive(k) for k in kids):
             time.sleep(0.2)
-        assert not any(_alive(k) for k in kids), "a child outlived graft serve"
+        assert not any(alive(k) for k in kids), "a child outlived graft serve"
         out = log.read_text()
         assert out.rstrip().endswith("Graft stopped.") and "Traceback" not in out and "Aborted" not in out, out
         assert "exited" not in out, out  # stopping is not a crash: nothing was started again
     finally:
         if proc.poll() is None:
             proc.kill()
-        for k in _children(proc.pid):
+        for k in children(proc.pid):
             os.kill(k, signal.SIGKILL)
 
 
 def test_web_runs_the_web_app_alone_in_several_processes(tmp_path):
     """`graft web` (production, next to `graft worker` and `graft inference`): after `graft migrate`, the web
     app in N processes on one port; SIGTERM stops them all, status 0."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
     env.update(GRAFT_DATA_DIR=str(tmp_path / "data"), GRAFT_OFFLINE="1", PYTHONUNBUFFERED="1")
     subprocess.run([str(GRAFT), "migrate"], env=env, cwd=tmp_path, check=True, capture_output=True)
@@ -199,16 +172,16 @@ def test_web_runs_the_web_app_alone_in_several_processes(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         assert httpx.get(f"http://127.0.0.1:{port}/login", timeout=5).status_code == 200
-        kids = _children(proc.pid)
-        assert len([k for k in kids if _alive(k)]) >= 2, kids  # the web processes (and uvicorn's helpers)
+        kids = children(proc.pid)
+        assert len([k for k in kids if alive(k)]) >= 2, kids  # the web processes (and uvicorn's helpers)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(k) for k in kids):
+        while time.monotonic() < deadline and any(alive(k) for k in kids):
             time.sleep(0.2)
-        assert not any(_alive(k) for k in kids), "a web process outlived graft web"
+        assert not any(alive(k) for k in kids), "a web process outlived graft web"
     finally:
         if proc.poll() is None:
             proc.kill()
-        for k in _children(proc.pid):
+        for k in children(proc.pid):
             os.kill(k, signal.SIGKILL)

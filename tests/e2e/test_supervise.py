@@ -3,7 +3,6 @@ another, says so, the job shows that its worker stopped responding, serve's reco
 new worker resumes it from its last checkpoint to success (two attempts), with nothing but `graft serve`."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -11,12 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
 from support.paths import HYMENOPTERA
+from support.procs import alive, descendants, free_port
+from support.web import dataset_zip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -26,52 +26,10 @@ RUN = {"strategy": "full", "epochs": 6, "image_size": 64, "batch_size": 2, "pati
 NOTE = "its worker stopped responding; it will resume when a worker takes it"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _dataset_zip() -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for split, n in (("train", 8), ("val", 3)):
-            for cls in ("ants", "bees"):
-                for f in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
-                    zf.write(f, f"{split}/{cls}/{f.name}")
-    return buf.getvalue()
-
-
 def test_a_killed_worker_is_started_again_and_its_job_resumes(tmp_path: Path):
     if not HYMENOPTERA.is_dir():
         pytest.fail(f"the shared dataset {HYMENOPTERA} is missing")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
     env.update(GRAFT_DATA_DIR=str(tmp_path / "data"), GRAFT_OFFLINE="1", PYTHONUNBUFFERED="1", **FAST)
     log = tmp_path / "serve.log"
@@ -104,7 +62,7 @@ def test_a_killed_worker_is_started_again_and_its_job_resumes(tmp_path: Path):
 
         with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {token}"}) as c:
             r = c.post("/api/v1/datasets", data={"name": "tiny"},
-                       files={"file": ("tiny.zip", _dataset_zip(), "application/zip")})
+                       files={"file": ("tiny.zip", dataset_zip({"train": 8, "val": 3}, top=""), "application/zip")})
             assert r.status_code == 201, r.text
             r = c.post("/api/v1/jobs", json={"dataset_id": r.json()["id"], **RUN})
             assert r.status_code == 201, r.text
@@ -125,8 +83,8 @@ def test_a_killed_worker_is_started_again_and_its_job_resumes(tmp_path: Path):
                 time.sleep(0.1)
             assert j["current_epoch"] < RUN["epochs"] and j["attempts"] == 1 and j["stale"] is False, j
             worker_pid = int(re.findall(r"^worker  pid (\d+)", log.read_text(), re.M)[-1])
-            assert worker_pid in _descendants(proc.pid)
-            for pid in [worker_pid, *_descendants(worker_pid)]:  # no handler, no clean-up, no last write
+            assert worker_pid in descendants(proc.pid)
+            for pid in [worker_pid, *descendants(worker_pid)]:  # no handler, no clean-up, no last write
                 os.kill(pid, signal.SIGKILL)
             killed_at = time.monotonic()
 
@@ -139,7 +97,7 @@ def test_a_killed_worker_is_started_again_and_its_job_resumes(tmp_path: Path):
                 assert time.monotonic() < deadline, "no second worker" + dump()
                 time.sleep(0.1)
             new_pid = int(re.findall(r"^worker  pid (\d+) \(started again\)$", log.read_text(), re.M)[-1])
-            assert new_pid != worker_pid and _alive(new_pid) and new_pid in _descendants(proc.pid)
+            assert new_pid != worker_pid and alive(new_pid) and new_pid in descendants(proc.pid)
 
             # still running, but its heartbeat is late: stale, with the note, until the reconciler re-queues it
             seen_stale = None
@@ -176,11 +134,11 @@ def test_a_killed_worker_is_started_again_and_its_job_resumes(tmp_path: Path):
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, dump()
-        assert not _alive(new_pid), "the worker outlived graft serve"
+        assert not alive(new_pid), "the worker outlived graft serve"
     finally:
         if proc.poll() is None:
             proc.kill()
-        for pid in _descendants(proc.pid):
+        for pid in descendants(proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
+
+from support.procs import free_port
 
 HERE = Path(__file__).resolve().parent / "oidc"
 CLIENT_ID = "graft-test"
@@ -59,12 +60,6 @@ def _install() -> None:
         _missing(f"`{' '.join(cmd[1:])}` failed in {HERE}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def oidc_provider(tmp_path_factory) -> Iterator[OidcProvider]:
     """The running provider (one client: CLIENT_ID, CLIENT_SECRET, REDIRECT_URI; accounts bob-sub, eve-sub,
@@ -74,7 +69,7 @@ def oidc_provider(tmp_path_factory) -> Iterator[OidcProvider]:
         _missing("node is not installed")
     assert node is not None
     _install()
-    port = _free_port()
+    port = free_port()
     issuer = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("oidc-provider") / "provider.log"
     with open(log_path, "w") as log:

@@ -26,8 +26,8 @@ def field_of(html: str, name: str) -> str:
     return m.group(1)
 
 
-def dataset_zip(per_class: dict[str, int]) -> bytes:
-    """hymenoptera/{train,val}/{ants,bees} with the first n images of each class."""
+def dataset_zip(per_class: dict[str, int], top: str = "hymenoptera") -> bytes:
+    """<top>/{train,val}/{ants,bees} with the first n images of each class (no wrapping folder: top="")."""
     if not HYMENOPTERA.is_dir():
         import pytest
 
@@ -37,7 +37,7 @@ def dataset_zip(per_class: dict[str, int]) -> bytes:
         for split, n in per_class.items():
             for cls in ("ants", "bees"):
                 for f in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
-                    zf.write(f, f"hymenoptera/{split}/{cls}/{f.name}")
+                    zf.write(f, f"{top}/{split}/{cls}/{f.name}" if top else f"{split}/{cls}/{f.name}")
     return buf.getvalue()
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
+from support.procs import descendants
 from support.stack import DEAD_BROKER, FINAL, TINY_RUN, Stack, Worker, build_stack, close_stack, unreachable
 
 from app.core.settings import Settings
@@ -50,24 +51,6 @@ def start_worker(stack: Stack, cwd: Path, settings: Settings | None = None) -> W
     w.start()
     stack.worker = w  # so that log_on_failure prints this worker's log
     return w
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def sigkill(w: Worker) -> None:

@@ -22,6 +22,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -86,6 +87,28 @@ def tus_upload(c: httpx.Client, path: Path) -> str:
     return url.rstrip("/").rsplit("/", 1)[1]
 
 
+class ChildPeak(threading.Thread):
+    """The largest VmHWM of the web process's children (the doctor's child process), read every 0.2 s while
+    the dataset is made (a child's VmHWM only grows, so the last read is close to its peak)."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            for task in Path(f"/proc/{self.pid}/task").glob("*"):
+                try:
+                    kids = (task / "children").read_text().split()
+                except OSError:
+                    continue
+                for kid in kids:
+                    try:
+                        self.peak = max(self.peak, peak_rss_mb(int(kid)))
+                    except (OSError, ValueError):
+                        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=20000)
@@ -125,7 +148,13 @@ def main() -> None:
         t0 = time.perf_counter()
         ids = [tus_upload(c, p) for p in parts]
         t_up = time.perf_counter()
-        r = c.post("/api/v1/datasets", json={"name": "big", "uploads": ids})
+        watch = ChildPeak(web.pid)
+        watch.start()
+        try:
+            r = c.post("/api/v1/datasets", json={"name": "big", "uploads": ids})
+        finally:
+            watch.stop.set()
+            watch.join()
         r.raise_for_status()
         ds = r.json()
         t_ds = time.perf_counter()
@@ -165,6 +194,7 @@ def main() -> None:
            "dataset_from_parts_s": round(t_ds - t_up, 1), "dataset_page_s": round(t_page - t_ds, 2),
            "dataset_page_status": page.status_code, "first_thumbs_s": round(t_thumbs - t_page, 2),
            "thumb_statuses": [x.status_code for x in thumbs], "web_peak_rss_mb": round(peak, 1),
+           "doctor_child_peak_rss_mb": round(watch.peak, 1) if watch.peak else None,
            "num_images": ds["num_images"], "first_epoch": first_epoch, "cpu": cpu_name(),
            "command": command_line()}
     print(f"| {args.images} images, {total / 2**30:.2f} GiB in {len(parts)} parts | seconds |")
@@ -172,6 +202,7 @@ def main() -> None:
     for k in ("upload_s", "dataset_from_parts_s", "dataset_page_s", "first_thumbs_s"):
         print(f"| {k} | {out[k]} |")
     print(f"| web process peak RSS | {out['web_peak_rss_mb']} MB |")
+    print(f"| the doctor's child process, peak RSS (sampled) | {out['doctor_child_peak_rss_mb']} MB |")
     if args.json:
         print(json.dumps(out))
 

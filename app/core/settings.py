@@ -45,6 +45,9 @@ class Settings(BaseSettings):
                                   "a larger one refuses the upload as a decompression bomb (Pillow's default)")
     upload_check_threads: int = Field(min(8, os.cpu_count() or 1), ge=1,
                                       description="Threads that decode an upload's images to check them")
+    doctor_process_min_files: int = Field(5000, ge=0, description="An upload of at least this many files is "
+                                          "checked by the doctor in a child process, so that its per-image "
+                                          "bookkeeping never stays in the web process (0: always)")
     inference_url: str | None = Field(None, description="The inference service (`graft inference`); `graft serve` "
                                       "starts one and sets this")
     max_predict_images: int = Field(64, ge=1, description="Images per prediction request")

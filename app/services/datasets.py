@@ -26,7 +26,7 @@ from app.core.errors import AppError, BadRequest, Conflict, NotFound, PayloadToo
 from app.core.settings import Settings
 from app.db.models import FINAL_STATUSES, Dataset, Job, JobKind, User
 from app.services import access, storage, uploads, workspaces
-from app.services.doctor import Problem, examine, examples, plural, refuse
+from app.services.doctor import Problem, diagnose, examples, plural, refuse
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -225,13 +225,11 @@ def _extract_entries(entries: Iterable[tuple[str, bool, Callable[[], IO[bytes] |
 
 def _register(session: Session, settings: Settings, user: User, name: str, folder: Path,
               workspace_id: int) -> Dataset:
-    split = examine(folder, settings)
-    root_rel = split.root.relative_to(settings.data_dir)
-    size = sum(p.stat().st_size for p, _ in split.train + split.val)
+    verdict = diagnose(folder, settings)
+    root_rel = verdict.root.relative_to(settings.data_dir)
     ds = Dataset(owner_id=user.id, workspace_id=workspace_id, name=name.strip() or folder.name, path=str(root_rel),
-                 layout=split.layout,
-                 classes=split.classes, counts=split.counts(), warnings=split.warnings,
-                 num_images=len(split.train) + len(split.val), size_bytes=size)
+                 layout=verdict.layout, classes=verdict.classes, counts=verdict.counts, warnings=verdict.warnings,
+                 num_images=verdict.num_images, size_bytes=verdict.size_bytes)
     key, _ = storage.dataset_key(str(root_rel))
     st = storage.for_settings(settings)
     try:

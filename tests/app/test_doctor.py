@@ -403,3 +403,33 @@ def test_auto_split_layout_and_loose_images(api, jpegs):
     ds = created(api.zip(entries))
     assert "train/ only" in ds["layout"] and ds["counts"]["val"] == {"ants": 1, "bees": 1}
     warning(ds, "tiny val split: 2 images in all")
+
+
+def test_large_uploads_are_checked_in_a_child_process(tmp_path, jpegs, monkeypatch):
+    """At doctor_process_min_files or more files the checks run in a spawned child (so their per-image
+    bookkeeping never stays in the web process): the same warnings, and refusals keep their class, message
+    and details. The child is proven by its pid: the check it ran did not run here."""
+    from app.services import doctor
+
+    pids: list[int] = []
+    real = doctor.examine
+
+    def spy(folder, settings):
+        pids.append(os.getpid())
+        return real(folder, settings)
+
+    monkeypatch.setattr(doctor, "examine", spy)  # only this process sees the spy
+    api = build(tmp_path, doctor_process_min_files=0)
+    inline = build(tmp_path / "inline")
+    entries = layout(jpegs, train=(2, 13), val=(1, 3))
+    ds = created(api.zip(entries))
+    assert pids == [], "the doctor ran in the web process"
+    same = created(inline.zip(entries))
+    assert pids == [os.getpid()]  # below the default threshold: inline
+    assert ds["warnings"] == same["warnings"] and ds["counts"] == same["counts"]
+    assert ds["num_images"] == same["num_images"] == 19 and ds["size_bytes"] == same["size_bytes"] > 0
+    fresh = build(tmp_path / "fresh", doctor_process_min_files=0)
+    err = refused(fresh, fresh.zip([(n, d) for n, d in entries if "/ants/" in n]), 422, "1 class folder (ants)",
+                  "at least 2 classes")
+    assert err["details"] and err["details"][0]["fix"]
+    assert pids == [os.getpid()]

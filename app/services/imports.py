@@ -25,9 +25,9 @@ from app.services.doctor import Problem, refuse
 def create_from_source(session: Session, settings: Settings, user: User, name: str, source: str,
                        workspace_id: int | None = None):
     """A dataset from `source` (s3://bucket/prefix/ or a server folder), into the workspace."""
-    datasets._check_name(name)
+    datasets.check_name(name)
     wid = workspaces.target(session, user, workspace_id, "importing a dataset").id
-    folder = datasets._new_folder(settings)
+    folder = datasets.new_folder(settings)
     try:
         if source.startswith("s3://"):
             default = _fetch_s3(source, folder, settings)
@@ -35,7 +35,7 @@ def create_from_source(session: Session, settings: Settings, user: User, name: s
             default = _copy_folder(source, folder, settings, user)
         else:
             raise BadRequest(f"source {source[:200]!r} is neither s3://bucket/prefix/ nor an absolute server folder")
-        return datasets._register(session, settings, user, name or default, folder, wid)
+        return datasets.register(session, settings, user, name or default, folder, wid)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         session.rollback()

@@ -48,6 +48,25 @@ class DatasetOut(BaseModel):
     num_images: int
     size_bytes: int
     created_at: UTCDatetime
+    parent_id: int | None = Field(None, description="The dataset this version was made from (None: an upload)")
+    version: int = Field(1, description="The number within its family of versions (1: the upload)")
+    changes: dict[str, Any] | None = Field(None, description="What changed from the parent: relabelled "
+                                           "[{file, from, to, new_file}], removed [files], added [files], counts")
+
+
+class DatasetVersionCreate(BaseModel):
+    """Changes to a dataset, applied to a new version of it (the dataset itself never changes). Files are
+    named by their path inside the dataset as uploaded, e.g. train/8/00007.png."""
+
+    model_config = ConfigDict(extra="forbid")
+    relabel: dict[Annotated[str, Field(min_length=1, max_length=1000)], Annotated[str, Field(min_length=1,
+                  max_length=200)]] = Field(default_factory=dict, description="{file: its right class}")
+    remove: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=list, max_length=1_000_000, description="Files to leave out")
+    uploads: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=10_000, description="Finished resumable uploads (zips or tars laid out "
+                                                             "like the dataset) whose images are added")
+    name: str | None = Field(None, max_length=1000, description="A name (default: the parent's)")
 
 
 class DatasetFromUploads(BaseModel):

@@ -141,6 +141,17 @@ class Dataset(Base):
     num_images: Mapped[int] = mapped_column(default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # versions (app.services.versions): the dataset this one was made from, the first of its family (None for
+    # that first one itself), the number within the family (1: the upload), and what changed from the parent
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), index=True,
+                                                  default=None)
+    lineage_id: Mapped[int | None] = mapped_column(Integer, index=True, default=None)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    changes: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+
+    @property
+    def family_id(self) -> int:
+        return self.lineage_id or self.id
 
 
 class Job(Base):

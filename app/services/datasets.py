@@ -30,22 +30,26 @@ from app.services.archives import (
     upload_too_large,
     write_entry,
 )
-from app.services.doctor import Problem, diagnose, refuse
+from app.services.doctor import Problem, diagnose, plural, refuse
 
 log = logging.getLogger(__name__)
 
 
-def register(session: Session, settings: Settings, user: User, name: str, folder: Path,
-              workspace_id: int) -> Dataset:
+def register(session: Session, settings: Settings, user: User, name: str, folder: Path, workspace_id: int,
+             parent: Dataset | None = None, version: int = 1, changes: dict | None = None,
+             shared: dict[str, str] | None = None) -> Dataset:
+    """The doctor checks `folder`, then it goes into storage and its row is written. A version (app.services.
+    versions) names its parent and the files it shares with it ({relative path: key})."""
     verdict = diagnose(folder, settings)
     root_rel = verdict.root.relative_to(settings.data_dir)
     ds = Dataset(owner_id=user.id, workspace_id=workspace_id, name=name.strip() or folder.name, path=str(root_rel),
                  layout=verdict.layout, classes=verdict.classes, counts=verdict.counts, warnings=verdict.warnings,
-                 num_images=verdict.num_images, size_bytes=verdict.size_bytes)
+                 num_images=verdict.num_images, size_bytes=verdict.size_bytes, version=version, changes=changes,
+                 parent_id=parent.id if parent else None, lineage_id=parent.family_id if parent else None)
     key, _ = storage.dataset_key(str(root_rel))
     st = storage.for_settings(settings)
     try:
-        storage.adopt_tree(st, settings, folder, key)  # into object storage when there is one
+        storage.adopt_tree(st, settings, folder, key, shared=shared)  # into object storage when there is one
         session.add(ds)
         session.commit()
     except BaseException:
@@ -160,6 +164,10 @@ def delete(session: Session, settings: Settings, user: User, dataset_id: int) ->
                                                                       Job.status.not_in(FINAL_STATUSES)))
     if active:
         raise Conflict(f"dataset {ds.id} is used by {active} queued or running job(s): cancel them first")
+    versions = list(session.scalars(select(Dataset.id).where(Dataset.parent_id == ds.id).order_by(Dataset.id)))
+    if versions:
+        raise Conflict(f"dataset {ds.id} has {plural(len(versions), 'version')} made from it (dataset "
+                       f"{', '.join(map(str, versions))}) that share its images: delete those first")
     used = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == ds.id, Job.kind != JobKind.probe.value))
     if used:
         raise Conflict(f"dataset {ds.id} has {used} job(s) whose models came from it: delete those jobs first")

@@ -11,6 +11,7 @@ Keys are the same in both modes, so the rows (Dataset.path, Artifact.path) do no
 Torch-free; used by the web tier and by the worker bridge (never by the engine, which writes local files)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -26,7 +27,19 @@ from urllib.parse import urlparse
 log = logging.getLogger(__name__)
 
 DONE = ".graft-complete"  # written last into a fetched folder: a folder without it is incomplete
+# In object storage, a dataset version's files that are unchanged from its parent are not stored again:
+# this object under the version's prefix maps their relative paths to the keys that hold them.
+SHARED = ".graft-shared.json"
 CHUNK = 1 << 20
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """A hard link of src at dest (no bytes copied), or a copy where links cannot be made."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
 
 
 class StorageError(Exception):
@@ -54,11 +67,12 @@ class Storage:
     def put_file(self, src: Path, key: str) -> None:
         raise NotImplementedError
 
-    def put_tree(self, src: Path, prefix: str) -> int:
-        """Every file under `src` at prefix/<relative path>; returns the bytes sent."""
+    def put_tree(self, src: Path, prefix: str, skip: frozenset[str] = frozenset()) -> int:
+        """Every file under `src` at prefix/<relative path> (but those whose relative path is in `skip`);
+        returns the bytes sent."""
         total = 0
         for p in sorted(src.rglob("*")):
-            if p.is_file() and not p.is_symlink() and p.name != DONE:
+            if p.is_file() and not p.is_symlink() and p.name != DONE and p.relative_to(src).as_posix() not in skip:
                 self.put_file(p, f"{prefix}/{p.relative_to(src).as_posix()}")
                 total += p.stat().st_size
         return total
@@ -106,13 +120,13 @@ class LocalStorage(Storage):
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        shutil.copyfile(src, tmp)
+        link_or_copy(Path(src), tmp)  # stored files are never written again, so a hard link is a copy
         os.replace(tmp, dest)
 
-    def put_tree(self, src: Path, prefix: str) -> int:
+    def put_tree(self, src: Path, prefix: str, skip: frozenset[str] = frozenset()) -> int:
         if Path(src).resolve() == self.path(prefix):
             return 0  # already there: the data directory is the storage
-        return super().put_tree(src, prefix)
+        return super().put_tree(src, prefix, skip)
 
     def get_file(self, key: str, dest: Path) -> None:
         src = self.path(key)
@@ -290,6 +304,8 @@ def materialize_tree(storage: Storage, prefix: str, settings: Any) -> Path:
                 rel = key[len(safe_key(prefix)) + 1:]
                 storage.get_file(key, tmp / rel)
                 total += size
+            if (tmp / SHARED).is_file():
+                total += _fetch_shared(storage, settings, json.loads((tmp / SHARED).read_text()), tmp)
             if total == 0 and not tmp.exists():
                 raise FileNotFoundError(f"nothing in storage under {prefix}")
             (tmp / DONE).write_text(str(total))
@@ -302,6 +318,30 @@ def materialize_tree(storage: Storage, prefix: str, settings: Any) -> Path:
             raise
     evict(settings, keep=dest)
     return dest
+
+
+def _fetch_shared(storage: Storage, settings: Any, shared: dict[str, str], dest: Path) -> int:
+    """The files a version shares with the datasets it was made from: hard links into this host's scratch
+    copies of those where they are complete, fetched from the storage otherwise. Returns their bytes."""
+    total = 0
+    for rel, key in shared.items():
+        src = scratch_dir(settings) / safe_key(key)
+        home = scratch_dir(settings).joinpath(*PurePosixPath(safe_key(key)).parts[:2])
+        if src.is_file() and (home / DONE).is_file():
+            link_or_copy(src, dest / safe_key(rel))
+        else:
+            storage.get_file(key, dest / safe_key(rel))
+        total += (dest / safe_key(rel)).stat().st_size
+    return total
+
+
+def shared_files(storage: Storage, prefix: str) -> dict[str, str]:
+    """The files under prefix/ that are held under other keys: {relative path: key} (empty in local storage,
+    where a version's unchanged files are hard links)."""
+    if storage.local or storage.size(f"{prefix}/{SHARED}") is None:
+        return {}
+    with storage.open(f"{prefix}/{SHARED}") as f:
+        return dict(json.load(f))
 
 
 def materialize_file(storage: Storage, key: str, settings: Any) -> Path:
@@ -385,13 +425,21 @@ def dataset_key(ds_path: str) -> tuple[str, tuple[str, ...]]:
     return f"{parts[0]}/{parts[1]}", tuple(parts[2:])
 
 
-def adopt_tree(storage: Storage, settings: Any, local_dir: Path, prefix: str) -> None:
+def adopt_tree(storage: Storage, settings: Any, local_dir: Path, prefix: str,
+               shared: dict[str, str] | None = None) -> None:
     """A folder made on this host (an upload, extracted and checked) goes into the storage under `prefix`.
     With object storage this host keeps it as a scratch copy (evicted like the others); with a local
-    storage elsewhere the copy moves there."""
+    storage elsewhere the copy moves there (as hard links where it can). `shared`: {relative path: key} of
+    files already in object storage under another key (a version's unchanged files), recorded, not sent."""
     if storage.local and storage.path(prefix) == Path(local_dir).resolve():
         return  # the data directory is the storage: already in place
-    storage.put_tree(local_dir, prefix)
+    if shared and not storage.local:
+        storage.put_tree(local_dir, prefix, skip=frozenset(shared))
+        manifest = Path(local_dir) / SHARED
+        manifest.write_text(json.dumps(shared, sort_keys=True))
+        storage.put_file(manifest, f"{prefix}/{SHARED}")
+    else:
+        storage.put_tree(local_dir, prefix)
     if storage.local:
         shutil.rmtree(local_dir, ignore_errors=True)
         return

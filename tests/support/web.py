@@ -59,3 +59,21 @@ def sign_in_with_password(client: TestClient, username: str, password: str, foll
     return client.post("/login", data={"username": username, "password": password,
                                        "form_token": field_of(page.text, "form_token"), "next": "/"},
                        follow_redirects=follow)
+
+
+def tus_send(client: TestClient, headers: dict, data: bytes, name: str = "part.zip", chunk: int = 1 << 20) -> str:
+    """A finished resumable upload of `data` (tus 1.0: creation, then PATCHes); returns its id."""
+    import base64
+
+    tus = {"Tus-Resumable": "1.0.0"}
+    meta = f"filename {base64.b64encode(name.encode()).decode()}"
+    r = client.post("/api/v1/uploads", headers={**headers, **tus, "Upload-Length": str(len(data)),
+                                                "Upload-Metadata": meta})
+    assert r.status_code == 201, r.text
+    uid = r.json()["id"]
+    for off in range(0, len(data), chunk):
+        r = client.patch(f"/api/v1/uploads/{uid}", content=data[off:off + chunk],
+                         headers={**headers, **tus, "Content-Type": "application/offset+octet-stream",
+                                  "Upload-Offset": str(off)})
+        assert r.status_code == 204, r.text
+    return uid

@@ -11,10 +11,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
-from app.api.schemas import DatasetFromUploads, DatasetOut, errors
+from app.api.schemas import DatasetFromUploads, DatasetOut, DatasetVersionCreate, errors
 from app.core.errors import BadRequest, PayloadTooLarge
 from app.db.models import MAX_ID, Dataset
-from app.services import access, imports
+from app.services import access, imports, versions
 from app.services import datasets as service
 
 JSON_LIMIT = 1 << 20
@@ -134,3 +134,15 @@ def get_dataset(dataset_id: int, session: SessionDep, user: CurrentUser):
 def delete_dataset(dataset_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     service.delete(session, settings, user, dataset_id)
     return Response(status_code=204)
+
+
+@router.post("/{dataset_id}/versions", status_code=201, response_model=DatasetOut, responses=errors(400, 403, 404, 409))
+def create_version(dataset_id: int, body: DatasetVersionCreate, session: SessionDep, settings: SettingsDep,
+                   user: CurrentUser):
+    """A new version of the dataset with images relabelled, removed or added (from finished resumable
+    uploads laid out like the dataset); the dataset itself is not changed, and the version shares its
+    unchanged images. Files not in the dataset, unknown classes and a file both relabelled and removed are
+    refused (400, naming them); the doctor checks the result like an upload."""
+    ds = versions.create_version(session, settings, user, dataset_id, body.relabel, body.remove, body.uploads,
+                                 body.name)
+    return DatasetOut.model_validate(ds)

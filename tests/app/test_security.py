@@ -191,6 +191,8 @@ def request_kwargs(method: str, path: str, w: World) -> dict:
         return {"data": {"name": "new"}, "files": {"file": ("d.zip", _zip(), "application/zip")}}
     if (method, path) == ("POST", "/api/v1/jobs"):
         return {"json": {"dataset_id": w.ds, "epochs": 2}}
+    if (method, path) == ("POST", "/api/v1/datasets/{dataset_id}/versions"):
+        return {"json": {"remove": ["train/no/such.jpg"]}}
     if (method, path) == ("POST", "/api/v1/jobs/{job_id}/predict"):
         return {"files": [("files", ("a.jpg", _jpeg(), "image/jpeg"))]}
     if (method, path) == ("POST", "/api/v1/workspaces"):
@@ -395,6 +397,7 @@ def _write(w: World, method: str, path: str, client: TestClient, headers: dict) 
 # in the order they are sent (the deletes after the writes that need their objects; sign-out last)
 EXPECTED_WRITES = {("POST", "/api/v1/datasets"): 201, ("POST", "/api/v1/jobs"): 201,
                    ("POST", "/api/v1/datasets/{dataset_id}/probe"): 201,
+                   ("POST", "/api/v1/datasets/{dataset_id}/versions"): 400,  # past auth: no such file
                    ("POST", "/api/v1/jobs/{job_id}/cancel"): 200,
                    ("POST", "/api/v1/jobs/{job_id}/predict"): 503,  # no inference service here: past auth
                    ("DELETE", "/api/v1/datasets/{dataset_id}"): 204, ("DELETE", "/api/v1/jobs/{job_id}"): 204,

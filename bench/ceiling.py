@@ -84,7 +84,7 @@ def measure(args, variant: str, device: torch.device) -> dict:
                 logits = model(x)
         else:
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.effective_label_smoothing())
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)

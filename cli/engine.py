@@ -42,7 +42,9 @@ def train(
     data_dir: Path = typer.Argument(..., help="Folder with train/ and val/ (or train/ only, or class folders)."),
     backbone: str = typer.Option(_default("backbone"), help="See `graft backbones`."),
     strategy: str = typer.Option(_default("strategy"), help="features | finetune_last:N | full | two_stage"),
-    epochs: int = typer.Option(_default("epochs"), min=1),
+    epochs: int | None = typer.Option(_default("epochs"), min=1,
+                                      help="Total epochs (the most, with early stopping). Default: features "
+                                           "trains until val loss stops improving (at most 200); others 10."),
     lr: float | None = typer.Option(None, help="Base learning rate (default depends on the strategy)."),
     batch_size: int = typer.Option(_default("batch_size"), min=1),
     image_size: int | None = typer.Option(None, help="Input size (default: the backbone's)."),
@@ -54,7 +56,12 @@ def train(
     optimizer: str = typer.Option(_default("optimizer"), help="adamw | sgd"),
     schedule: str = typer.Option(_default("schedule"), help="cosine | step | constant"),
     patience: int | None = typer.Option(_default("patience"), help="Early stopping patience on val loss (0 disables)."),
-    label_smoothing: float = typer.Option(_default("label_smoothing")),
+    label_smoothing: float | None = typer.Option(_default("label_smoothing"),
+                                                 help="Default: 0.1; 0 for features (a head on frozen features)."),
+    class_weighting: str = typer.Option(_default("class_weighting"),
+                                        help="auto | balanced | none: balanced weighs each class in the loss "
+                                             "inversely to its train images (auto: when the largest class has "
+                                             "over 3x the smallest's)."),
     feature_views: int = typer.Option(_default("feature_views"), help="Frozen backbone: augmented views per train image."),
     val_fraction: float = typer.Option(_default("val_fraction"), help="Val share when the data has no val split."),
     max_train_images: int | None = typer.Option(None, help="Train on a stratified subset."),
@@ -77,6 +84,7 @@ def train(
                        batch_size=batch_size, image_size=image_size, augment=augment, seed=seed,
                        head_epochs=head_epochs, optimizer=optimizer, schedule=schedule,
                        patience=patience or None, label_smoothing=label_smoothing, feature_views=feature_views,
+                       class_weighting=class_weighting,
                        val_fraction=val_fraction, max_train_images=max_train_images,
                        devices=devices)
     except ValidationError as e:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import typer
 
-from cli import accounts, engine, server
+from cli import accounts, engine, labels, server
 
 app = typer.Typer(help="Graft: transfer learning on images, from the command line or the browser.",
                   no_args_is_help=True, add_completion=False)
 engine.register(app)
+labels.register(app)
 server.register(app)
 accounts.register(app)
 

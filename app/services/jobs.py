@@ -76,7 +76,7 @@ def create(session: Session, settings: Settings, user: User, dataset_id: int, sp
             f"`graft weights import FILE --backbone {spec.backbone}`, pick a backbone whose weights are "
             "available (GET /api/v1/backbones), or set pretrained=false")
     job = Job(owner_id=user.id, workspace_id=ds.workspace_id, dataset_id=ds.id, spec=spec.model_dump(),
-              status=JobStatus.queued.value, total_epochs=spec.epochs)
+              status=JobStatus.queued.value, total_epochs=spec.max_epochs())
     lifecycle.create(session, job)
     enqueue(session, settings, job)
     return job

@@ -385,7 +385,8 @@ def test_create_job_with_defaults_is_queued(api, alice, ds_id):
     assert job["status"] == "queued"
     assert job["dataset_id"] == ds_id
     assert job["spec"] == RunSpec().model_dump()
-    assert job["total_epochs"] == 10 and job["current_epoch"] == 0 and job["progress"] == 0
+    # a default features job trains until val loss stops improving: its epochs are the most it may run
+    assert job["total_epochs"] == RunSpec().max_epochs() == 200 and job["current_epoch"] == 0 and job["progress"] == 0
     assert job["result"] is None and job["error"] is None and job["cancel_requested"] is False
     # the job id was sent to this server's broker (the filesystem transport under data_dir)
     with api.sessions() as s:

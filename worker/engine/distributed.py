@@ -250,7 +250,8 @@ class _RankMixin:
             progress("train", epoch, done, n, t, me._eta_after_epoch(epoch))
 
         return train_epoch_on_images(model, loader, opt, sched, scaler, me._inputs, me._autocast, micro, me.device,
-                                     me.spec.label_smoothing, on_batch, shard=self.shard)
+                                     me.spec.effective_label_smoothing(), on_batch, shard=self.shard,
+                                     class_weights=me.class_weights)
 
     def train_epoch_on_images(self, phase: freeze.Phase, opt: Any, sched: Any, scaler: Any, epoch: int,
                               progress: Any, validate: bool = True, keep_eval: bool = False) -> Any:

@@ -33,15 +33,27 @@ class Shard(Protocol):
     def total(self, *values: float) -> list[float]: ...
 
 
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float, class_weights: torch.Tensor | None,
+            reduction: str = "mean") -> torch.Tensor:
+    """The training loss: cross-entropy with label smoothing, each image's term times its class's weight
+    (`class_weights`, see balance.py; None: 1). "mean" divides by the images, not by the weights, so that
+    micro-batches and data-parallel parts add up to the whole batch's loss."""
+    if class_weights is None:
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction=reduction)
+    per_image = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none") * class_weights[y]
+    return per_image.sum() if reduction == "sum" else per_image.mean()
+
+
 def micro_batch(batch_size: int, accum: int) -> int:
     """The batch that goes through the model at once: batch_size split into `accum` parts."""
     return max(1, math.ceil(batch_size / accum))
 
 
 def train_epoch_on_features(head, feats: torch.Tensor, labels: list[int], opt, sched, device: torch.device,
-                            batch_size: int, label_smoothing: float, on_batch: OnBatch):
-    """One epoch of the head on precomputed features, in a random order. Returns (mean loss, accuracy, images
-    seen, seconds)."""
+                            batch_size: int, label_smoothing: float, on_batch: OnBatch,
+                            class_weights: torch.Tensor | None = None):
+    """One epoch of the head on precomputed features, in a random order (`class_weights`: see `loss_fn`).
+    Returns (mean loss, accuracy, images seen, seconds)."""
     y_all = torch.tensor(labels)
     head.train()
     perm = torch.randperm(len(y_all))
@@ -52,7 +64,7 @@ def train_epoch_on_features(head, feats: torch.Tensor, labels: list[int], opt, s
         sel = perm[b * batch_size:(b + 1) * batch_size]
         x, y = feats[sel].to(device), y_all[sel].to(device)
         logits = head(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        loss = loss_fn(logits.float(), y, label_smoothing, class_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -66,12 +78,12 @@ def train_epoch_on_features(head, feats: torch.Tensor, labels: list[int], opt, s
 
 def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, autocast: Callable, micro: int,
                           device: torch.device, label_smoothing: float, on_batch: OnBatch,
-                          shard: Shard | None = None):
+                          shard: Shard | None = None, class_weights: torch.Tensor | None = None):
     """One optimizer step per batch of the loader; each batch goes through the model in micro-batches of
     `micro` images whose gradients add up to the whole batch's. The caller sets the train/eval modes.
     With `shard` (data-parallel: every process iterates the same global batches) this process trains on its
     part of each micro-batch, its loss scaled so that the gradients DistributedDataParallel averages are the
-    whole batch's; the figures returned are those of all processes together.
+    whole batch's; the figures returned are those of all processes together. `class_weights`: see `loss_fn`.
     Returns (mean loss, accuracy, images seen, seconds)."""
     loss_sum, correct, seen = 0.0, 0, 0
     t = time.perf_counter()
@@ -85,10 +97,10 @@ def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, a
             with autocast():
                 logits = model(x)
             if shard is not None:  # DDP averages over `world` processes: sum / n * world makes it the batch mean
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum")
+                loss = loss_fn(logits.float(), y, label_smoothing, class_weights, reduction="sum")
                 loss = loss * (shard.world / n)
             else:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+                loss = loss_fn(logits.float(), y, label_smoothing, class_weights)
                 if len(y) != n:
                     loss = loss * (len(y) / n)
             if scaler is not None:

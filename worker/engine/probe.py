@@ -86,7 +86,7 @@ def _lbfgs(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, max_iter: 
     return w.detach(), b.detach()
 
 
-def _folds(image_labels: list[int], k: int, seed: int) -> list[int]:
+def stratified_folds(image_labels: list[int], k: int, seed: int) -> list[int]:
     """A stratified, seeded fold number for each image."""
     g = torch.Generator().manual_seed(seed)
     fold = [0] * len(image_labels)
@@ -146,7 +146,7 @@ def _fit(x, y, classes, groups, seed, l2_grid, folds) -> LinearProbe:
     k = min(folds, smallest)
     best_l2, cv_acc = sorted(l2_grid)[len(l2_grid) // 2], None
     if k >= 2 and len(l2_grid) > 1:
-        fold_of_image = _folds(label_of, k, seed)
+        fold_of_image = stratified_folds(label_of, k, seed)
         row_fold = torch.tensor([fold_of_image[index[g]] for g in groups.tolist()])
         rows = torch.arange(len(y))
         if len(rows) > CV_MAX_ROWS:  # a seeded subset of rows keeps the search cheap on large datasets
@@ -178,7 +178,7 @@ def _fit(x, y, classes, groups, seed, l2_grid, folds) -> LinearProbe:
 # ---------------------------------------------------------------- progress of a probe
 
 
-class _Window(Callbacks):
+class ProgressWindow(Callbacks):
     """Passes the runner's callbacks on, with the progress of one step (one backbone, the advisor) mapped into
     its window [lo, hi] of the whole probe, never going back, and an ETA from the elapsed time."""
 
@@ -222,7 +222,7 @@ def _model_size(model) -> tuple[int, float]:
     return params, round(size / 1e6, 2)
 
 
-def _runner(spec: RunSpec, data_dir: Path, cb: Callbacks, cache_dir, device, max_pixels: int | None = None):
+def feature_runner(spec: RunSpec, data_dir: Path, cb: Callbacks, cache_dir, device, max_pixels: int | None = None):
     from domain.images import DEFAULT_MAX_PIXELS
 
     from .runner import Runner
@@ -243,7 +243,7 @@ def probe_backbone(data_dir: Path, backbone: str, pretrained: bool, spec: ProbeS
     rs = RunSpec(backbone=backbone, pretrained=pretrained, strategy="features", epochs=1, image_size=size,
                  augment=spec.augment, feature_views=spec.feature_views, val_fraction=spec.val_fraction,
                  batch_size=spec.batch_size, seed=spec.seed)
-    r = _runner(rs, data_dir, cb, cache_dir, device, max_pixels)
+    r = feature_runner(rs, data_dir, cb, cache_dir, device, max_pixels)
     try:
         r.prepare()
         progress = _Progress(r.cb, t0, 0)
@@ -312,7 +312,7 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
                  image_size=None if info.fixed_size else image_size, batch_size=ADVISE_BATCH, augment="light",
                  feature_views=1, val_fraction=val_fraction, seed=seed, lr=lr, warmup_epochs=0, dropout=0.0,
                  patience=None)
-    r = _runner(rs, Path(data_dir), cb, cache_dir, device, max_pixels)
+    r = feature_runner(rs, Path(data_dir), cb, cache_dir, device, max_pixels)
     try:
         r.prepare()
         k = max(1, len(r.classes))
@@ -413,7 +413,7 @@ def probe(data_dir: str | Path, spec: ProbeSpec | None = None, cache_dir: str | 
         cb.on_message(w)
     result = ProbeResult(status="completed", classes=split.classes, counts=split.counts(), layout=split.layout,
                          device=dev, warnings=list(split.warnings))
-    window = _Window(cb, t0)
+    window = ProgressWindow(cb, t0)
     share = 0.75 if spec.advise else 1.0
     rows: list[ProbeRow] = []
     try:

@@ -3,7 +3,7 @@ fraction of the whole that never goes back; stopping on request between batches.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from domain.callbacks import BatchProgress, Callbacks
@@ -49,26 +49,45 @@ class _Phase(Protocol):
 FROZEN_EPOCH_S = 0.05  # an epoch of the head on cached features: too short to matter in an ETA
 
 
-def eta_after_features(phases: Sequence[_Phase], done: int, stage_t0: float, n_train: int, n_val: int) -> float:
+def eta_after_features(phases: Sequence[_Phase], done: int, stage_t0: float, n_train: int, n_val: int,
+                       expected: Mapping[int, int] | None = None) -> float:
     """Estimated seconds for all epochs, from the forward speed measured while computing features: an
-    epoch on images costs about 3 forward passes per train image and one per val image."""
+    epoch on images costs about 3 forward passes per train image and one per val image. `expected`: the
+    epochs a phase (by index) is expected to run when early stopping ends it before its maximum."""
     per_image = (time.perf_counter() - stage_t0) / max(done, 1)
-    return sum(p.epochs * (FROZEN_EPOCH_S if p.backbone_frozen else (3 * n_train + n_val) * per_image)
-               for p in phases)
+    ex = expected or {}
+    return sum(ex.get(i, p.epochs) * (FROZEN_EPOCH_S if p.backbone_frozen else (3 * n_train + n_val) * per_image)
+               for i, p in enumerate(phases))
 
 
 P = TypeVar("P", bound=_Phase)
 
 
-def eta_after_epoch(phases: Sequence[P], epoch: int, estimate: Callable[[P], float]) -> float:
-    """Estimated seconds for the epochs after `epoch` (counted across phases)."""
+def eta_after_epoch(phases: Sequence[P], epoch: int, estimate: Callable[[P], float],
+                    expected: Mapping[int, int] | None = None) -> float:
+    """Estimated seconds for the epochs after `epoch` (counted across phases). `expected`: the epochs a phase
+    (by index) ran or is expected to run when early stopping ends it before its maximum (see
+    `expected_epochs`); the next phase's epochs are numbered from there, as the run numbers them."""
     left, e = 0.0, 0
-    for phase in phases:
-        for _ in range(phase.epochs):
+    ex = expected or {}
+    for i, phase in enumerate(phases):
+        for _ in range(min(phase.epochs, ex.get(i, phase.epochs))):
             e += 1
             if e > epoch:
                 left += estimate(phase)
     return left
+
+
+def expected_epochs(max_epochs: int, done: int, bad_epochs: int, patience: int | None, stopped: bool = False) -> int:
+    """How many epochs a phase that trains until val loss stops improving will probably run, for the ETA:
+    at least until `patience` epochs without improvement could end it, and not before a first guess of
+    3 x patience epochs (measured: 25 to 32 epochs of a head on cached features with patience 10), never
+    more than its maximum. `stopped`: early stopping has just ended it after `done` epochs."""
+    if stopped:
+        return done
+    if patience is None:
+        return max_epochs
+    return min(max_epochs, max(done + patience - bad_epochs, 3 * patience))
 
 
 def epoch_estimate(times: list[float] | None, frozen: bool, n_train: int, n_val: int,

@@ -26,6 +26,8 @@ class RunResult:
     device: str = "cpu"
     counts: dict[str, dict[str, int]] | None = None
     val_files: list[str] = field(default_factory=list)  # absolute paths of the val images used
+    max_epochs: int | None = None  # the most epochs it could have trained (early stopping ends it before)
+    effective: dict[str, Any] = field(default_factory=dict)  # the parameters as applied (RunSummary.effective)
 
     def summary(self) -> RunSummary:
         """The run's figures, typed (a job's stored result adds the report and the exports)."""
@@ -35,6 +37,8 @@ class RunResult:
             "val_loss": self.val_loss,
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
+            "max_epochs": self.max_epochs,
+            "effective": self.effective,
             "seconds": round(self.seconds, 3),
             "train_images_per_s": round(self.train_images_per_s, 2),
             "classes": self.classes,

@@ -8,8 +8,6 @@ Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, RNG, hi
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -19,12 +17,13 @@ import torch.nn.functional as F
 
 from domain.callbacks import CallbackList, Callbacks, EpochMetric
 from domain.errors import DataError, RunStopped, SpecError
-from domain.evaluate import confusion_png, evaluation
+from domain.evaluate import evaluation
 from domain.images import DEFAULT_MAX_PIXELS
 from domain.spec import RunSpec
 
 from . import freeze
 from .backbones import GraftNet, Preprocessing, build_model, get_info, weights_id
+from .balance import ClassWeighting, class_weighting
 from .checkpoint import (
     CHECKPOINT_VERSION,
     Best,
@@ -38,13 +37,11 @@ from .data import DataSplit, ImageStore, discover, eval_transform, image_loader,
 from .device import amp_dtype_for, autocast, pick_device, rng_state, seed_everything, set_cpu_threads, set_rng_state
 from .features import FeatureCache, FeatureExtractor
 from .loop import micro_batch, predict, retry_on_oom, train_epoch_on_features, train_epoch_on_images
-from .modelfile import save_model_file
+from .outputs import effective_parameters, write_metrics, write_outputs
 from .progress import Progress as _Progress
-from .progress import epoch_estimate, eta_after_epoch, eta_after_features
+from .progress import epoch_estimate, eta_after_epoch, eta_after_features, expected_epochs
 from .result import RunResult
 from .schedules import phase_scheduler
-
-log = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_VERSION", "RunResult", "Runner", "pick_device", "run", "seed_everything", "set_cpu_threads"]
 
@@ -83,6 +80,9 @@ class Runner:
         self.feature_rate: float | None = None
         self.features_from_cache = False
         self.image_seconds: float | None = None
+        self.weighting: ClassWeighting | None = None  # the classes' weights in the loss (set by run: balance.py)
+        self.class_weights: torch.Tensor | None = None  # those weights as a tensor (None: unweighted)
+        self.expected: dict[int, int] = {}  # epochs a phase (by index) ran or will likely run, when early stopping
 
     # ------------------------------------------------------------ setup
 
@@ -113,9 +113,12 @@ class Runner:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = amp_dtype_for(self.device, spec.mixed_precision)
-        self.phases = freeze.plan(spec.strategy, list(self.model.groups()), spec.epochs, spec.head_epochs,
+        self.phases = freeze.plan(spec.strategy, list(self.model.groups()), spec.max_epochs(), spec.head_epochs,
                                   spec.warmup_epochs)
         self.total_epochs = sum(p.epochs for p in self.phases)
+        self.open_ended = {0} if spec.until_plateau else set()  # phases that train until val loss plateaus
+        self.expected = {i: expected_epochs(self.phases[i].epochs, 0, 0, spec.effective_patience())
+                         for i in self.open_ended}
         self.use_feature_cache = self.phases[0].backbone_frozen
 
     def _decode(self, progress: _Progress) -> None:
@@ -261,8 +264,9 @@ class Runner:
         feats = self.train_feats[(epoch - 1) % len(self.train_feats)]
         return train_epoch_on_features(
             self.model.head, feats, self.train_labels, opt, sched, self.device, self._batch_size(True),
-            self.spec.label_smoothing,
-            lambda done, n, t, seen: progress("train", epoch, done, n, t, self._eta_after_epoch(epoch)))
+            self.spec.effective_label_smoothing(),
+            lambda done, n, t, seen: progress("train", epoch, done, n, t, self._eta_after_epoch(epoch)),
+            self.class_weights)
 
     def _epoch_on_images(self, phase, opt, sched, scaler, epoch: int, progress: _Progress, micro: int,
                          keep_eval: bool):
@@ -278,7 +282,8 @@ class Runner:
             progress("train", epoch, done, n, t, self._eta_after_epoch(epoch))
 
         return train_epoch_on_images(self.model, loader, opt, sched, scaler, self._inputs, self._autocast, micro,
-                                     self.device, self.spec.label_smoothing, on_batch)
+                                     self.device, self.spec.effective_label_smoothing(), on_batch,
+                                     class_weights=self.class_weights)
 
     def train_epoch_on_images(self, phase, opt, sched, scaler, epoch: int, progress: _Progress,
                               validate: bool = True, keep_eval: bool = False):
@@ -305,10 +310,11 @@ class Runner:
                        lambda done, n, t: progress("val", epoch, done, n, t, self._eta_after_epoch(epoch)))
 
     def _eta_after_features(self, done: int, stage_t0: float) -> float:
-        return eta_after_features(self.phases, done, stage_t0, len(self.split.train), len(self.split.val))
+        return eta_after_features(self.phases, done, stage_t0, len(self.split.train), len(self.split.val),
+                                  self.expected)
 
     def _eta_after_epoch(self, epoch: int) -> float:
-        return eta_after_epoch(self.phases, epoch, self._epoch_estimate)
+        return eta_after_epoch(self.phases, epoch, self._epoch_estimate, self.expected)
 
     def _epoch_estimate(self, phase: freeze.Phase) -> float:
         return epoch_estimate(self.epoch_times.get(self._mode(phase)), phase.backbone_frozen, len(self.train_idx),
@@ -360,6 +366,9 @@ class Runner:
                 self.compute_features(progress, need_images=not all(p.backbone_frozen for p in self.phases))
             else:
                 self._decode(progress)
+            self.weighting = class_weighting(self.spec.class_weighting, self.train_labels, len(self.classes))
+            self.class_weights = self.weighting.tensor(self.device)
+            self.cb.on_message(f"class weighting: {self.weighting.describe()}")
             if ck is not None:
                 load_model_state(self.model, ck.model)
                 history = [EpochMetric(**h) for h in ck.history]
@@ -426,13 +435,15 @@ class Runner:
                         bad_epochs = 0
                     else:
                         bad_epochs += 1
+                    stop_early = bad_epochs >= (self.spec.effective_patience() or math.inf) and e_in + 1 < phase.epochs
+                    if stop_early or pi in self.open_ended:  # for the ETA
+                        self.expected[pi] = expected_epochs(phase.epochs, e_in + 1, bad_epochs,
+                                                            self.spec.effective_patience(), stop_early)
                     elapsed = elapsed_before + time.perf_counter() - t0
                     m = EpochMetric(global_epoch, phase.name, tl, ta, vl, va,
                                     opt.param_groups[-1]["lr"], seen / max(ttrain, 1e-9), secs, elapsed,
                                     self._eta_after_epoch(global_epoch), improved)
                     history.append(m)
-                    stop_early = (self.spec.patience is not None and bad_epochs >= self.spec.patience
-                                  and e_in + 1 < phase.epochs)
                     self._save_checkpoint(CheckpointState(
                         spec=self.spec.model_dump(), classes=self.classes, epoch=global_epoch,
                         phase_index=pi if not stop_early else pi + 1,
@@ -444,8 +455,8 @@ class Runner:
                         train_seen=train_seen, epoch_times=self.epoch_times, accum=self.accum))
                     self.cb.on_epoch_end(m)
                     if stop_early:
-                        self.cb.on_message(f"early stop in phase {phase.name}: val loss has not improved "
-                                           f"for {bad_epochs} epoch(s)")
+                        self.cb.on_message(f"early stop after epoch {global_epoch} (best: {best.epoch}) in phase "
+                                           f"{phase.name}: val loss has not improved for {bad_epochs} epoch(s)")
                         if pi == len(self.phases) - 1:
                             status = "early_stopped"
                         break
@@ -458,7 +469,8 @@ class Runner:
         result = RunResult(status, self.classes, epochs_run=len(history), seconds=seconds,
                            train_images_per_s=train_seen / max(seconds, 1e-9), history=history,
                            warnings=self.split.warnings, skipped=self.skipped,
-                           device=str(self.device), counts=self.split.counts())
+                           device=str(self.device), counts=self.split.counts(), max_epochs=self.total_epochs,
+                           effective=effective_parameters(self.spec, self.total_epochs, self.pre, self.weighting))
         if status == "stopped" or best.state is None:
             result.status = "stopped"
             return result
@@ -471,21 +483,9 @@ class Runner:
         report = evaluation(logits.softmax(1).numpy(), self.val_labels, files, self.classes)
         result.val_acc, result.val_loss, result.best_epoch = report["accuracy"], best.val_loss, best.epoch
         result.report = report
-        metrics = {"val_acc": result.val_acc, "val_loss": result.val_loss, "best_epoch": result.best_epoch,
-                   "epochs_run": result.epochs_run, "report": report,
-                   "history": [h.to_dict() for h in history]}
-        model_path = out / "model.pt"
-        save_model_file(model_path, self.model, self.classes, self.pre, self.spec.model_dump(), metrics,
-                        self.weights)
-        self.cb.on_checkpoint(model_path, "model")
-        try:
-            confusion_png(report["confusion_matrix"], self.classes, out / "confusion_matrix.png")
-        except Exception as e:  # a picture must never fail a finished run
-            log.warning("could not draw the confusion matrix: %s", e)
-        result.model_path = str(model_path)
+        write_outputs(out, self.model, self.pre, self.spec.model_dump(), self.weights, result, history, self.cb)
         result.seconds = elapsed_before + time.perf_counter() - t0
-        (out / "metrics.json").write_text(json.dumps(
-            {**result.summary().to_json(), "history": metrics["history"], "report": report}, indent=2))
+        write_metrics(out, result, history)
         return result
 
 

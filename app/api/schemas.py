@@ -102,6 +102,8 @@ class JobOut(BaseModel):
     id: int
     workspace_id: int
     dataset_id: int
+    dataset_version: int = Field(1, description="The version of the dataset the job trained on (1: as uploaded; "
+                                 "later versions come from POST /api/v1/datasets/{id}/versions)")
     kind: str = "train"  # "train", or "probe" (a backbone comparison: spec is a ProbeSpec)
     status: str
     progress: float

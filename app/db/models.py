@@ -183,6 +183,11 @@ class Job(Base):
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     dataset: Mapped[Dataset] = relationship()
 
+    @property
+    def dataset_version(self) -> int:
+        """The version of its dataset the job trained on (1: the upload; see app.services.versions)."""
+        return self.dataset.version if self.dataset is not None else 1
+
 
 class EpochMetric(Base):
     __tablename__ = "epoch_metrics"

@@ -1,4 +1,4 @@
-"""Run comparison: two or more succeeded jobs of one dataset side by side (parameters, metrics, curves,
+"""Run comparison: two or more succeeded jobs of one dataset (or of versions of one dataset) side by side (parameters, metrics, curves,
 per-class F1), with bootstrap 95% intervals on val accuracy and a plain verdict on each difference.
 
 The statistics (numpy only, never torch):
@@ -277,11 +277,11 @@ def load_jobs(session: Session, user: User, ids: list[int]) -> list[Job]:
     if no_report:
         raise Conflict(f"job(s) {', '.join(map(str, no_report))} have no evaluation report to compare: "
                        "train them again or leave them out", {"no_report": no_report})
-    datasets = {j.dataset_id for j in jobs}
-    if len(datasets) > 1:
+    families = {j.dataset.family_id if j.dataset is not None else -j.dataset_id for j in jobs}
+    if len(families) > 1:
         which = "; ".join(f"job {j.id} on dataset {j.dataset_id}" for j in jobs)
         raise Unprocessable(f"the jobs were trained on different datasets ({which}): compare jobs of one "
-                            "dataset, whose val images are the same",
+                            "dataset or of versions of one dataset (POST /api/v1/datasets/{id}/versions)",
                             {"datasets": {str(j.id): j.dataset_id for j in jobs}})
     return jobs
 
@@ -299,6 +299,7 @@ def compare(session: Session, user: User, raw_ids: str | Iterable[str] | None,
         lo, hi = accuracy_interval(k, n, resamples, seed)
         out_jobs.append({
             "id": j.id, "status": j.status, "created_at": _utc(j.created_at), "finished_at": _utc(j.finished_at),
+            "dataset_id": j.dataset_id, "dataset_version": j.dataset_version,
             "spec": j.spec,
             "metrics": {"val_acc": k / n if n else 0.0, "val_acc_low": lo, "val_acc_high": hi, "val_images": n,
                         "val_right": k, "macro_f1": rep.get("macro_f1"), "val_loss": _given(res, "val_loss"),
@@ -312,6 +313,9 @@ def compare(session: Session, user: User, raw_ids: str | Iterable[str] | None,
     comparisons = []
     for j, rep, oj in zip(jobs[1:], reports[1:], out_jobs[1:]):
         d = difference(reports[0], rep, resamples, seed)
+        if j.dataset_id != base.dataset_id and str(d.get("reason", "")).startswith("the jobs were validated on"):
+            d["reason"] = (f"the jobs trained on different versions of the dataset (v{base.dataset_version} and "
+                           f"v{j.dataset_version}), whose val images or labels differ")
         real, sentence = verdict(d, base.id, j.id, base_acc, oj["metrics"]["val_acc"])
         comparisons.append({"job_id": j.id, "baseline_id": base.id, **d, "real": real, "sentence": sentence})
     params = parameters([j.spec or {} for j in jobs])

@@ -36,6 +36,7 @@ from app.core.errors import AppError, ServiceUnavailable, Unprocessable
 from app.core.settings import Settings
 from domain.errors import DataError
 from domain.layout import IMAGE_EXTS, JUNK_NAMES, DataSplit, Folders, discover, read_folders
+from domain.spec import AUTO_BALANCE_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +394,10 @@ def _warnings(split: DataSplit, found: Folders, folder: Path, rel, stray: list[s
     if train_n[small] and train_n[big] / train_n[small] > IMBALANCE:
         w.append(Problem(f"strong class imbalance: {big} has {train_n[big]} training images, {small} "
                          f"{train_n[small]} ({train_n[big] / train_n[small]:.0f}:1)",
-                         "add images to the small classes or leave some out of the large ones (at most "
-                         f"{IMBALANCE:.0f}:1); otherwise the model favours the large classes"))
+                         "training balances it by default (class_weighting auto: each class weighs in the "
+                         "loss in inverse proportion to its training images, as the largest has over "
+                         f"{AUTO_BALANCE_RATIO:.0f}x the smallest); better still, add images to the small classes "
+                         f"or leave some out of the large ones (at most {IMBALANCE:.0f}:1)"))
     total_val = sum(val_n.values())
     thin = [c for c in split.classes if val_n[c] < MIN_VAL_PER_CLASS]
     if total_val < TINY_VAL or thin:

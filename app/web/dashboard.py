@@ -21,7 +21,7 @@ def dashboard(request: Request, session: SessionDep, user: SignedIn):
     jobs = session.scalars(select(Job).where(Job.workspace_id == ws.id).order_by(Job.id.desc())
                            .limit(JOBS_ON_DASHBOARD)).all()
     total_jobs = session.scalar(select(func.count()).select_from(Job).where(Job.workspace_id == ws.id))
-    names = {d.id: d.name for d in datasets}
+    names = {d.id: d.name + (f" v{d.version}" if d.version > 1 else "") for d in datasets}
     counts = {s: n for s, n in session.execute(select(Job.status, func.count()).where(Job.workspace_id == ws.id)
                                                .group_by(Job.status))}
     return render(request, "dashboard.html", {"nav": "dashboard", "datasets": datasets, "jobs": jobs,

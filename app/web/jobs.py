@@ -9,6 +9,7 @@ from app.db.models import FINAL_STATUSES, Artifact, Dataset, EpochMetric, JobKin
 from app.services import access
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
+from app.web import lineage
 from app.web import probe as probe_pages
 from app.web.render import SignedIn, _not_found, page_object, render
 from domain.advice import STRATEGIES
@@ -99,7 +100,7 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
         mistakes = report.mistakes if "mistakes" in report.model_fields_set else None
     stale, status_note = job_service.staleness(job, settings)
     return render(request, "job.html", {
-        "nav": "job", "job": job, "stale": stale, "status_note": status_note, "ds": job.dataset, "metrics": metrics,
+        "nav": "job", "job": job, "earlier": lineage.earlier_run(session, user, job), "stale": stale, "status_note": status_note, "ds": job.dataset, "metrics": metrics,
         "best_epoch": best_epoch, "has_model": has_model, "can_edit": can_edit,
         "result": summary if summary is not None else {}, "report": report, "strategy": STRATEGIES.get(kind),
         "final": job.status in FINAL_STATUSES, "mistakes": mistakes, "wrong_total": wrong_total,

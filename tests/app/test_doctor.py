@@ -366,6 +366,7 @@ def test_few_images_imbalance_and_tiny_val(api, jpegs):
     assert "ants (2)" in w and "bees" not in w and "at least 10" in w
     w = warning(ds, "strong class imbalance")
     assert "bees has 13 training images, ants 2 (6:1)" in w and "add images to the small classes" in w
+    assert "training balances it by default (class_weighting auto" in w
     w = warning(ds, "tiny val split")
     assert "4 images in all (ants 1, bees 3)" in w and "at least 10" in w
 

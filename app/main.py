@@ -12,7 +12,18 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.routes import backbones, compare, datasets, health, jobs, metrics, probe, uploads, workspaces
+from app.api.routes import (
+    backbones,
+    compare,
+    datasets,
+    health,
+    jobs,
+    label_issues,
+    metrics,
+    probe,
+    uploads,
+    workspaces,
+)
 from app.core.errors import AppError, TooManyRequests
 from app.core.settings import Settings, get_settings
 from app.db.session import session_factory
@@ -173,7 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # compare before jobs: its /api/v1/jobs/compare would otherwise match /api/v1/jobs/{job_id}
     for r in (health.router, metrics.router, backbones.router, workspaces.router, datasets.router, compare.router,
-              probe.router, jobs.router, uploads.router):
+              probe.router, label_issues.router, jobs.router, uploads.router):
         app.include_router(r)
     from app.web.routes import router as web_router
 

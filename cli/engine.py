@@ -71,6 +71,12 @@ def train(
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
     devices: int = typer.Option(_default("devices"), min=1, max=64,
                                 help="Data-parallel on this many GPUs (CPU: processes), one process each."),
+    search: int | None = typer.Option(None, "--search", min=1, max=200, metavar="TRIALS",
+                                      help="Search the head's lr, weight decay, dropout and label smoothing in this "
+                                           "many trials on the cached features (Optuna; the first trial: the options "
+                                           "given), then train with the best; phases that unfreeze layers take their "
+                                           "lr from a range test."),
+    search_timeout: float | None = typer.Option(None, help="--search: start no trial after this many seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line (last line of stdout)."),
 ) -> None:
     """Fine-tune a pretrained backbone on a folder of labelled images."""
@@ -86,10 +92,12 @@ def train(
                        patience=patience or None, label_smoothing=label_smoothing, feature_views=feature_views,
                        class_weighting=class_weighting,
                        val_fraction=val_fraction, max_train_images=max_train_images,
-                       devices=devices)
+                       devices=devices, search={"trials": search, "timeout_s": search_timeout} if search else None)
     except ValidationError as e:
         _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
                         for err in e.errors()))
+    if search_timeout is not None and not search:
+        _fail("--search-timeout: give --search TRIALS too")
     out = out or Path("runs") / f"{backbone}-{strategy.replace(':', '')}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     from cli.progress import RichCallbacks
     from worker.engine.runner import run

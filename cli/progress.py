@@ -15,7 +15,8 @@ from domain.callbacks import BatchProgress, Callbacks, EpochMetric
 
 STAGES = {"decode": "decoding images", "features": "computing features", "train": "training", "val": "validating",
           "probe": "fitting linear classifiers", "advise": "measuring how far the images are from ImageNet",
-          "folds": "cross-validating linear classifiers", "duplicates": "looking for duplicates"}
+          "folds": "cross-validating linear classifiers", "duplicates": "looking for duplicates",
+          "search": "searching the head's parameters", "lr_find": "finding the learning rate"}
 
 
 class RichCallbacks(Callbacks):
@@ -72,5 +73,12 @@ class RichCallbacks(Callbacks):
             for name, r in result.report["per_class"].items():
                 t.add_row(name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"]))
             c.print(t)
+        search = getattr(result, "search", None)
+        if search is not None and search.trials:
+            pruned = sum(t.state == "pruned" for t in search.trials)
+            c.print(f"search: {len(search.trials)} trial(s) ({pruned} pruned) in {search.seconds:.1f}s; trained with "
+                    f"trial {search.best_trial}'s " + ", ".join(f"{k} {v:.3g}" for k, v in search.best_params.items()))
+        for rt in getattr(search, "lr_find", []):
+            c.print(f"learning-rate range test of phase {escape(rt.phase)}: lr {rt.lr:.3g} ({rt.rule})")
         for s in result.skipped:
             c.print(f"[yellow]skipped[/] {escape(s)}")

@@ -230,3 +230,60 @@ class LabelIssueReport(Result):
     device: str = "cpu"
     skipped: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- a search of a run's parameters
+
+
+class SearchTrial(Result):
+    """One trial of a run's search: a head trained on the cached features with these parameters."""
+
+    number: int = Field(description="0-based, in the order they ran; trial 0 has the spec's own values.")
+    params: dict[str, float] = Field(default_factory=dict, description="lr, weight_decay, dropout, label_smoothing.")
+    state: str = Field("complete", description="complete | pruned (its best val loss fell behind the median of "
+                                               "the earlier trials at the same epoch)")
+    val_loss: float | None = Field(None, description="Of its best epoch (pruned: the best before it was stopped).")
+    val_acc: float | None = None
+    best_epoch: int | None = None
+    epochs: int = Field(0, description="Epochs it trained.")
+    seconds: float = 0.0
+    spec_values: bool = Field(False, description="The spec's own values (the first trial).")
+
+
+class LrRangeTest(Result):
+    """The learning-rate range test of a phase that unfreezes layers: the smoothed training loss while the
+    learning rate grew exponentially, and the rate the phase trains with."""
+
+    phase: str
+    lrs: list[float] = Field(default_factory=list, description="The highest group's (the head's) learning rate "
+                                                                "at each step.")
+    losses: list[float] = Field(default_factory=list, description="The smoothed training loss after each step.")
+    lr: float = Field(description="The phase's learning rate (its head's; lower groups keep their ratios).")
+    lr_min_loss: float | None = Field(None, description="Where the smoothed loss was lowest.")
+    lr_steepest: float | None = Field(None, description="Where it fell fastest.")
+    rule: str = Field("min_loss/10", description="min_loss/10 | kept (the curve never descended: the spec's rate)")
+    diverged: bool = False
+    steps: int = 0
+    seconds: float = 0.0
+
+
+class SearchReport(Result):
+    """What a run's search tried and chose (RunSpec.search), stored in the run's summary as `search`."""
+
+    trials_asked: int = 0
+    trials: list[SearchTrial] = Field(default_factory=list, description="In the order they ran.")
+    best_trial: int | None = None
+    best_params: dict[str, float] = Field(default_factory=dict, description="The parameters the run trained with.")
+    best_val_loss: float | None = None
+    best_val_acc: float | None = None
+    space: dict[str, list[float | str]] = Field(default_factory=dict, description="Each searched parameter's "
+                                                                                  "[low, high, log|linear].")
+    seconds: float = 0.0
+    timed_out: bool = Field(False, description="timeout_s ended the search before every trial ran.")
+    lr_find: list[LrRangeTest] = Field(default_factory=list, description="The range tests of the phases that "
+                                                                         "unfreeze layers.")
+
+    @classmethod
+    def of(cls, summary: RunSummary) -> SearchReport | None:
+        """The search of a run summary (its field `search`), or None for a run without one."""
+        return cls.from_stored((summary.model_extra or {}).get("search"))

@@ -30,6 +30,34 @@ DEFAULT_LABEL_SMOOTHING = {"features": 0.0}
 # class_weighting "auto": balanced when the largest class has more than this many times the train images of
 # the smallest
 AUTO_BALANCE_RATIO = 3.0
+# The parameters a search may tune: the head's, on the cached features (worker/engine/search.py)
+SearchParam = Literal["lr", "weight_decay", "dropout", "label_smoothing"]
+SEARCHABLE: tuple[SearchParam, ...] = ("lr", "weight_decay", "dropout", "label_smoothing")
+
+
+class SearchSpec(BaseModel):
+    """A search for the parameters a run would otherwise need to be given ("models that do not need knobs"):
+    the head's learning rate, weight decay, dropout and label smoothing tried on the cached frozen features
+    (Optuna's TPE sampler seeded by the run's seed, trials that fall behind the median pruned), the first trial
+    being the spec's own values; the run then trains with the best. Phases that unfreeze layers get their learning
+    rate from a range test first (exponentially growing over `range_test_steps` mini-batches)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trials: int = Field(20, ge=1, le=200, description="Heads trained on the cached features, each with other "
+                                                      "parameters (the first with the spec's own).")
+    timeout_s: float | None = Field(None, gt=0, le=7 * 86400, description="Start no new trial after this many "
+                                                                           "seconds (the trials done so far count).")
+    params: list[SearchParam] = Field(
+        default_factory=lambda: list(SEARCHABLE), min_length=1,
+        description="Which of the head's parameters to search; the others keep the spec's values.")
+    range_test_steps: int = Field(100, ge=10, le=1000, description="Mini-batches of the learning-rate range test "
+                                                                   "of phases that unfreeze layers (lr 1e-7 to 1).")
+
+    @field_validator("params")
+    @classmethod
+    def _unique_params(cls, v: list[SearchParam]) -> list[SearchParam]:
+        return list(dict.fromkeys(v))
 
 
 class RunSpec(BaseModel):
@@ -82,6 +110,11 @@ class RunSpec(BaseModel):
                                     "takes the job only if it has that many (GRAFT_WORKER_DEVICES). Phases that "
                                     "train the head on cached features run in one process."
     )
+    search: SearchSpec | None = Field(
+        None, description="Search the parameters instead of giving them: {\"trials\": 20} trains heads with other "
+                          "lr, weight_decay, dropout and label_smoothing on the cached features (the first with "
+                          "this spec's values) and trains with the best; phases that unfreeze layers take their "
+                          "learning rate from a range test.")
 
     @field_validator("strategy")
     @classmethod
@@ -101,6 +134,18 @@ class RunSpec(BaseModel):
             raise ValueError("two_stage needs epochs >= 2 (one for the head, at least one to fine-tune)")
         if self.head_epochs is not None and self.strategy == "two_stage" and self.head_epochs >= self.max_epochs():
             raise ValueError("head_epochs must be smaller than epochs so that the second stage runs")
+        return self
+
+    @model_validator(mode="after")
+    def _search_fits(self) -> RunSpec:
+        if self.search is None:
+            return self
+        if self.devices > 1 and self.strategy_kind != "features":
+            raise ValueError(f"search runs on one device (its learning-rate range test of {self.strategy}): set "
+                             "devices to 1, or leave search out")
+        if self.strategy_kind in ("finetune_last", "full") and "lr" not in self.search.params:
+            raise ValueError(f"{self.strategy} trains no head on cached features: its search is the learning-rate "
+                             "range test alone, so search.params must include lr")
         return self
 
     @property

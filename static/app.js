@@ -75,5 +75,50 @@ const Graft = (() => {
   const stagesEl = document.getElementById("graft-stages");
   const stages = stagesEl ? JSON.parse(stagesEl.textContent) : {};
 
-  return { csrf, api, errorMessage, show, hide, duration, pct, bytes, localTimes, stages };
+  /* The words for a job's state on its progress card. */
+  const FINAL = ["succeeded", "failed", "cancelled"];
+  function stageText(s) {
+    if (s.status === "queued") return "Waiting for a worker";
+    if (s.status === "running") return stages[s.stage] || s.stage || "Starting";
+    if (s.status === "succeeded") return "Finished";
+    return s.status === "cancelled" ? "Cancelled" : "Failed";
+  }
+
+  /* Follow job `id`: onUpdate(snapshot) on each progress snapshot, onMessage(text) for each message event,
+     onEnd() once the job has ended (the job's server-sent events, or polling without EventSource). */
+  function follow(id, onUpdate, onMessage, onEnd) {
+    let ended = false;
+    const end = () => { if (!ended) { ended = true; onEnd(); } };
+    if (typeof EventSource !== "undefined") {
+      const es = new EventSource(`/api/v1/jobs/${id}/events`);
+      const parse = (e) => { try { return JSON.parse(e.data); } catch (err) { return {}; } };
+      es.addEventListener("progress", (e) => onUpdate(parse(e)));
+      es.addEventListener("message", (e) => { const d = parse(e); if (d.message) onMessage(d.message); });
+      es.addEventListener("end", () => { es.close(); end(); });
+      return;
+    }
+    const poll = async () => {
+      try {
+        const job = await api("GET", `/api/v1/jobs/${id}`);
+        onUpdate(job);
+        if (FINAL.includes(job.status)) { end(); return; }
+      } catch (e) { /* try again */ }
+      setTimeout(poll, 1500);
+    };
+    poll();
+  }
+
+  /* A progress bar (the progressbar macro's markup under `root`) at snapshot `s`. */
+  function setBar(root, s) {
+    const p = Math.max(0, Math.min(1, s.progress || 0));
+    const bar = root.querySelector(".bar");
+    const fill = root.querySelector(".bar-fill");
+    if (fill) {
+      fill.style.width = `${(100 * p).toFixed(1)}%`;
+      fill.className = `bar-fill bar-${s.status}`;
+    }
+    if (bar) bar.setAttribute("aria-valuenow", String(Math.round(100 * p)));
+  }
+
+  return { csrf, api, errorMessage, show, hide, duration, pct, bytes, localTimes, stages, stageText, follow, setBar };
 })();

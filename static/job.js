@@ -86,6 +86,80 @@
   data.metrics.forEach((m) => addEpoch(m, false));
   redraw();
 
+  /* ---------------------------------------------------------------- the parameter search (a run with spec.search) */
+  function searchCharts(search) {
+    if (!search || typeof Chart === "undefined") return;
+    const trials = (search.trials || []).filter((t) => t.val_loss !== null && t.val_loss !== undefined);
+    const colour = (t) => (t.number === search.best_trial ? "#16a34a" : t.state === "pruned" ? "#9ca3af" : "#2563eb");
+    const trialLabel = (t) => `trial ${t.number} (${t.state}${t.number === search.best_trial ? ", best" : ""})`;
+    const legend = { display: false };
+    // a log axis labelled at the powers of ten only (1e-5, 1e-4, ...)
+    const logTicks = { callback: (v) => {
+      const e = Math.log10(v);
+      return Math.abs(e - Math.round(e)) < 1e-6 ? `1e${Math.round(e)}` : "";
+    }, autoSkip: false, maxRotation: 0 };
+    const byLr = $("search-lr-chart");
+    if (byLr && trials.length) {
+      new Chart(byLr, {
+        type: "scatter",
+        data: { datasets: [{ label: "val loss", data: trials.map((t) => ({ x: t.params.lr, y: t.val_loss, t })),
+          pointBackgroundColor: trials.map(colour), pointBorderColor: trials.map(colour), pointRadius: 5 }] },
+        options: {
+          responsive: true, maintainAspectRatio: false, animation: false,
+          scales: { x: { type: "logarithmic", ticks: logTicks, title: { display: true, text: "learning rate (log)" } },
+                    y: { title: { display: true, text: "best val loss" } } },
+          plugins: { legend, tooltip: { callbacks: { label: (c) =>
+            `${trialLabel(c.raw.t)}: lr ${c.raw.x.toExponential(2)}, val loss ${c.raw.y.toFixed(4)}` } } },
+        },
+      });
+    }
+    const perTrial = $("search-trial-chart");
+    if (perTrial && trials.length) {
+      new Chart(perTrial, {
+        type: "scatter",
+        data: { datasets: [
+          { label: "val loss", yAxisID: "y", data: trials.map((t) => ({ x: t.number, y: t.val_loss, t })),
+            pointBackgroundColor: trials.map(colour), pointBorderColor: trials.map(colour), pointRadius: 5 },
+          { label: "val accuracy", yAxisID: "acc", data: trials.map((t) => ({ x: t.number, y: 100 * t.val_acc, t })),
+            pointStyle: "triangle", borderColor: "#ea580c", backgroundColor: "#ea580c", pointRadius: 5 },
+        ] },
+        options: {
+          responsive: true, maintainAspectRatio: false, animation: false,
+          scales: { x: { title: { display: true, text: "trial" }, ticks: { precision: 0 } },
+                    y: { title: { display: true, text: "best val loss" } },
+                    acc: { position: "right", min: 0, max: 100, grid: { display: false },
+                           title: { display: true, text: "val accuracy" }, ticks: { callback: (v) => `${v}%` } } },
+          plugins: { legend: { position: "bottom" }, tooltip: { callbacks: { label: (c) => `${trialLabel(c.raw.t)}: ` +
+            (c.dataset.yAxisID === "acc" ? `val acc ${c.raw.y.toFixed(1)}%` : `val loss ${c.raw.y.toFixed(4)}`) } } },
+        },
+      });
+    }
+    document.querySelectorAll(".lr-find-chart").forEach((canvas) => {
+      const rt = (search.lr_find || [])[Number(canvas.dataset.index)];
+      if (!rt || !rt.lrs.length) return;
+      // the chosen rate on the curve: the smoothed loss at the nearest step
+      let near = 0;
+      rt.lrs.forEach((lr, i) => { if (Math.abs(Math.log(lr / rt.lr)) < Math.abs(Math.log(rt.lrs[near] / rt.lr))) near = i; });
+      new Chart(canvas, {
+        type: "scatter",
+        data: { datasets: [
+          { label: "smoothed loss", data: rt.lrs.map((x, i) => ({ x, y: rt.losses[i] })), showLine: true,
+            borderColor: "#2563eb", backgroundColor: "#2563eb", pointRadius: 0, borderWidth: 2 },
+          { label: `chosen lr ${rt.lr.toExponential(2)}`, data: [{ x: rt.lr, y: rt.losses[near] }],
+            borderColor: "#16a34a", backgroundColor: "#16a34a", pointRadius: 7, pointStyle: "rectRot" },
+        ] },
+        options: {
+          responsive: true, maintainAspectRatio: false, animation: false,
+          scales: { x: { type: "logarithmic", ticks: logTicks, title: { display: true, text: "learning rate (log)" } },
+                    y: { title: { display: true, text: "training loss (smoothed)" } } },
+          plugins: { legend: { position: "bottom" }, tooltip: { callbacks: { label: (c) =>
+            `lr ${c.raw.x.toExponential(2)}: loss ${c.raw.y.toFixed(4)}` } } },
+        },
+      });
+    });
+  }
+  searchCharts(data.search);
+
   /* ---------------------------------------------------------------- status and progress */
   function setStatus(status) {
     const badge = document.querySelector("#status-badge .badge");

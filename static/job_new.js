@@ -65,6 +65,7 @@
     const lr = num(lrInput);
     if (lr !== null) body.lr = lr;
     if (strategy === "two_stage" && num(form.elements.head_epochs) !== null) body.head_epochs = num(form.elements.head_epochs);
+    if (num(form.elements.search_trials) !== null) body.search = { trials: num(form.elements.search_trials) };
     if (body.epochs === null) { Graft.show(errBox, "Enter the number of epochs."); return; }
     if (body.batch_size === null) delete body.batch_size;
 

@@ -41,6 +41,7 @@ from worker.attempt import (  # noqa: F401  (Heartbeat, Reporter, _finish, reque
     stopped,
     utcnow,
 )
+from worker.labeljob import run_label_issues
 from worker.probejob import run_probe
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ def dataset_dir(settings: Settings, data_rel: str) -> Path:
 
 
 # what a worker runs for each job kind (app.db.models.JobKind); a new kind adds its entry here
-JOB_KINDS: dict[str, Callable[[Attempt], str]] = {JobKind.train.value: run_train, JobKind.probe.value: run_probe}
+JOB_KINDS: dict[str, Callable[[Attempt], str]] = {JobKind.train.value: run_train, JobKind.probe.value: run_probe,
+                                                  JobKind.label_issues.value: run_label_issues}
 
 
 def _export(reporter: Reporter, out, val_files: list[str]) -> list[dict]:

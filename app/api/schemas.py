@@ -134,6 +134,9 @@ class JobOut(BaseModel):
         report = (v or {}).get("report")
         if v is not None and isinstance(report, dict) and ("y_true" in report or "y_pred" in report):
             v = {**v, "report": {k: x for k, x in report.items() if k not in ("y_true", "y_pred")}}
+        # a label-issue search's suspects (up to max_issues) likewise: GET /api/v1/datasets/{id}/label-issues
+        if v is not None and isinstance(v.get("issues"), list):
+            v = {**v, "issues": [], "n_issues": len(v["issues"])}
         return v
 
 

@@ -43,6 +43,7 @@ class JobStatus(str, enum.Enum):
 class JobKind(str, enum.Enum):
     train = "train"  # a training run: spec is a RunSpec
     probe = "probe"  # a backbone comparison: spec is a ProbeSpec
+    label_issues = "label_issues"  # a search for wrong labels: spec is a LabelIssueSpec
 
 
 FINAL_STATUSES = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)
@@ -175,7 +176,8 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
     # times a worker started the job (the claim counts it); identifies the run that owns a 'running' row
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # "train": a training run (spec is a RunSpec); "probe": a backbone comparison (spec is a ProbeSpec)
+    # "train": a training run (spec is a RunSpec); "probe": a backbone comparison (spec is a ProbeSpec);
+    # "label_issues": a search for wrong labels (spec is a LabelIssueSpec). No constraint: a new kind needs no migration
     kind: Mapped[str] = mapped_column(String(16), default=JobKind.train.value, server_default=JobKind.train.value)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)

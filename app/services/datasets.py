@@ -168,11 +168,12 @@ def delete(session: Session, settings: Settings, user: User, dataset_id: int) ->
     if versions:
         raise Conflict(f"dataset {ds.id} has {plural(len(versions), 'version')} made from it (dataset "
                        f"{', '.join(map(str, versions))}) that share its images: delete those first")
-    used = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == ds.id, Job.kind != JobKind.probe.value))
+    used = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == ds.id,
+                                                                    Job.kind == JobKind.train.value))
     if used:
         raise Conflict(f"dataset {ds.id} has {used} job(s) whose models came from it: delete those jobs first")
-    for probe in session.scalars(select(Job).where(Job.dataset_id == ds.id)):  # backbone comparisons: no model
-        session.delete(probe)
+    for job in session.scalars(select(Job).where(Job.dataset_id == ds.id)):  # comparisons, searches: no model
+        session.delete(job)
     session.flush()
     folder = settings.data_dir / Path(ds.path).parts[0] / Path(ds.path).parts[1]
     key, _ = storage.dataset_key(ds.path)

@@ -113,3 +113,21 @@ def artifact(session: Session, user: User, job_id: int, kind: str) -> Artifact:
         hint = "it has not finished yet" if job.status not in FINAL_STATUSES else f"it {job.status}"
         raise NotFound(f"job {job.id} has no {kind} file: {hint}")
     return art
+
+
+def latest_of_kind(session: Session, user: User, dataset_id: int, kind: str) -> tuple[Job | None, Job | None]:
+    """(the dataset's newest job of `kind` that the user may see, any status; its newest that succeeded)."""
+    q = select(Job).where(Job.dataset_id == dataset_id, access.visible_to(Job, user), Job.kind == kind)
+    newest = session.scalars(q.order_by(Job.id.desc()).limit(1)).first()
+    done = newest if newest is not None and newest.status == JobStatus.succeeded.value else \
+        session.scalars(q.where(Job.status == JobStatus.succeeded.value).order_by(Job.id.desc()).limit(1)).first()
+    return newest, done
+
+
+def summary(job: Job | None) -> dict | None:
+    """A job's state in a few fields: the `job` of the answers about a dataset's comparisons and searches."""
+    if job is None:
+        return None
+    return {"id": job.id, "status": job.status, "progress": job.progress, "stage": job.stage,
+            "eta_seconds": job.eta_seconds, "error": job.error, "spec": job.spec,
+            "created_at": job.created_at, "finished_at": job.finished_at}

@@ -65,11 +65,7 @@ def start(session: Session, settings: Settings, user: User, dataset_id: int, spe
 
 def latest(session: Session, user: User, ds: Dataset) -> tuple[Job | None, Job | None]:
     """(the dataset's newest probe of any status, its newest succeeded probe)."""
-    q = select(Job).where(Job.dataset_id == ds.id, access.visible_to(Job, user), Job.kind == PROBE)
-    newest = session.scalars(q.order_by(Job.id.desc()).limit(1)).first()
-    done = newest if newest is not None and newest.status == JobStatus.succeeded.value else \
-        session.scalars(q.where(Job.status == JobStatus.succeeded.value).order_by(Job.id.desc()).limit(1)).first()
-    return newest, done
+    return job_service.latest_of_kind(session, user, ds.id, PROBE)
 
 
 def stored(job: Job | None) -> ProbeResult | None:
@@ -101,14 +97,6 @@ def best_backbone(done: Job | None) -> str | None:
     return None
 
 
-def job_summary(job: Job | None) -> dict | None:
-    if job is None:
-        return None
-    return {"id": job.id, "status": job.status, "progress": job.progress, "stage": job.stage,
-            "eta_seconds": job.eta_seconds, "error": job.error, "spec": job.spec,
-            "created_at": job.created_at, "finished_at": job.finished_at}
-
-
 def view(session: Session, user: User, dataset_id: int) -> dict:
     """What GET /api/v1/datasets/{id}/probe answers: the newest probe, the newest leaderboard and the advice."""
     ds = dataset_service.get_owned(session, user, dataset_id)
@@ -116,7 +104,7 @@ def view(session: Session, user: User, dataset_id: int) -> dict:
     result = stored(done)
     return {
         "dataset_id": ds.id,
-        "job": job_summary(newest),
+        "job": job_service.summary(newest),
         "result_job_id": done.id if done is not None else None,
         "leaderboard": leaderboard(done),
         "measured": measured(done),

@@ -10,6 +10,7 @@ from app.core.errors import NotFound, Unauthorized
 from app.db.models import Job
 from app.services import access, thumbs
 from app.services import datasets as dataset_service
+from app.web import label_issues as label_pages
 from app.web import lineage
 from app.web import probe as probe_pages
 from app.web.render import (
@@ -53,6 +54,7 @@ def dataset_page(dataset_id: str, request: Request, session: SessionDep, user: S
         "nav": "dataset", "ds": ds, "rows": rows, "largest": largest, "jobs": jobs,
         "train_total": sum(r["train"] for r in rows), "val_total": sum(r["val"] for r in rows),
         "strategies": STRATEGIES, **probe_pages.dataset_context(session, user, ds),
+        **label_pages.dataset_context(session, user, ds),
         **lineage.dataset_context(session, user, ds),
         "can_edit": access.allows(access.role_of(session, user, ds.workspace_id), access.EDIT)}, user=user)
 

@@ -9,13 +9,14 @@ from app.db.models import FINAL_STATUSES, Artifact, Dataset, EpochMetric, JobKin
 from app.services import access
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
+from app.web import label_issues as label_pages
 from app.web import lineage
 from app.web import probe as probe_pages
 from app.web.render import SignedIn, _not_found, page_object, render
 from domain.advice import STRATEGIES
 from domain.catalog import CATALOG
 from domain.exports import EXPORT_FORMATS
-from domain.results import RunSummary
+from domain.results import RunSummary, SearchReport
 from domain.spec import DEFAULT_LR, RunSpec
 
 router = APIRouter(include_in_schema=False)
@@ -83,6 +84,8 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
     can_edit = access.allows(access.role_of(session, user, job.workspace_id), access.EDIT)
     if job.kind == JobKind.probe.value:
         return probe_pages.job_page(request, job, user, can_edit)
+    if job.kind == JobKind.label_issues.value:
+        return label_pages.job_page(request, session, job, user)
     metrics = [_metric_dict(m) for m in session.scalars(
         select(EpochMetric).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch))]
     best_epoch = max((m["epoch"] for m in metrics if m["is_best"]), default=None)  # the saved one
@@ -91,6 +94,7 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
     succeeded = job.status == JobStatus.succeeded.value
     summary = RunSummary.from_stored(job.result)
     report = summary.report if summary is not None else None
+    search = SearchReport.of(summary) if summary is not None else None  # a run with spec.search
     kind = str(job.spec.get("strategy", "")).split(":", 1)[0]
     mistakes, wrong_total, val_images = None, None, None
     if report is not None:
@@ -104,9 +108,10 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
         "best_epoch": best_epoch, "has_model": has_model, "can_edit": can_edit,
         "result": summary if summary is not None else {}, "report": report, "strategy": STRATEGIES.get(kind),
         "final": job.status in FINAL_STATUSES, "mistakes": mistakes, "wrong_total": wrong_total,
-        "val_images": val_images,
+        "val_images": val_images, "search": search,
         "has_cm_png": "confusion_matrix" in kinds,
         "exports": _exports_view(summary, kinds) if succeeded and has_model else [],
         "page_data": {"id": job.id, "status": job.status, "final": job.status in FINAL_STATUSES,
                       "metrics": metrics, "total_epochs": job.total_epochs,
+                      "search": search.model_dump(mode="json") if search is not None else None,
                       "max_predict_images": settings.max_predict_images}}, user=user)

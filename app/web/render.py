@@ -26,7 +26,9 @@ templates = Jinja2Templates(directory=ROOT / "templates")
 
 STAGES = {"decode": "Decoding images", "features": "Computing features", "probe": "Fitting linear classifiers",
           "advise": "Measuring how far the images are from ImageNet", "train": "Training",
-          "val": "Validating", "export": "Exporting the model (TorchScript, ONNX)"}
+          "folds": "Cross-validating linear classifiers", "duplicates": "Looking for duplicates",
+          "val": "Validating", "export": "Exporting the model (TorchScript, ONNX)",
+          "search": "Searching the head's parameters", "lr_find": "Finding the learning rate"}
 
 
 # ---------------------------------------------------------------- template helpers

@@ -643,3 +643,13 @@ def test_timestamps_are_utc_with_an_offset(api, alice, ds_id):
         t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         assert t.utcoffset() == dt.timedelta(0), value
         assert abs((now - t).total_seconds()) < 120, value
+
+
+def test_a_job_may_search_its_parameters(api, alice, ds_id):
+    job = create_job(api, alice, ds_id, search={"trials": 2})
+    assert job["status"] == "queued" and job["spec"]["search"]["trials"] == 2
+    assert RunSpec.model_validate(job["spec"]).search.params == ["lr", "weight_decay", "dropout", "label_smoothing"]
+    assert RunSpec.model_validate(create_job(api, alice, ds_id)["spec"]).search is None  # no search unless asked
+    post = lambda body: api.client.post("/api/v1/jobs", headers=alice, json={"dataset_id": ds_id, **body})  # noqa: E731
+    assert "trials" in error_message(post({"search": {"trials": 0}}), 422)
+    assert "set devices to 1" in error_message(post({"strategy": "full", "devices": 2, "search": {}}), 422)

@@ -553,3 +553,48 @@ def test_recommend_strategy():
     tiny = recommend_strategy({"train": {"a": 3, "b": 30}})
     assert tiny.strategy == "features" and "smallest class" in tiny.reason
     assert recommend_strategy({}).strategy == "features"  # never raises
+
+
+SEARCH = {"trials_asked": 3, "best_trial": 1, "best_val_loss": 0.4123, "best_val_acc": 0.8, "seconds": 0.9,
+          "timed_out": False, "best_params": {"lr": 2.1e-3, "weight_decay": 3.4e-4, "dropout": 0.11,
+                                              "label_smoothing": 0.05},
+          "space": {"lr": [1e-5, 0.1, "log"], "weight_decay": [1e-6, 0.1, "log"], "dropout": [0.0, 0.5, "linear"],
+                    "label_smoothing": [0.0, 0.2, "linear"]},
+          "trials": [
+              {"number": 0, "state": "complete", "spec_values": True, "val_loss": 0.5, "val_acc": 0.75, "epochs": 20,
+               "best_epoch": 10, "seconds": 0.2,
+               "params": {"lr": 3e-3, "weight_decay": 1e-4, "dropout": 0.2, "label_smoothing": 0.0}},
+              {"number": 1, "state": "complete", "val_loss": 0.4123, "val_acc": 0.8, "epochs": 25, "best_epoch": 15,
+               "seconds": 0.3, "params": {"lr": 2.1e-3, "weight_decay": 3.4e-4, "dropout": 0.11,
+                                          "label_smoothing": 0.05}},
+              {"number": 2, "state": "pruned", "val_loss": 2.3, "val_acc": 0.1, "epochs": 5, "best_epoch": 5,
+               "seconds": 0.1, "params": {"lr": 1.2e-5, "weight_decay": 1e-2, "dropout": 0.4,
+                                          "label_smoothing": 0.1}}],
+          "lr_find": [{"phase": "unfreeze", "lrs": [1e-7, 1e-5, 1e-3, 1e-1], "losses": [0.7, 0.69, 0.5, 3.0],
+                       "lr": 1e-4, "lr_min_loss": 1e-3, "lr_steepest": 2e-4, "rule": "min_loss/10",
+                       "diverged": True, "steps": 4, "seconds": 1.5}]}
+
+
+def test_job_page_shows_the_parameter_search(env):
+    app, jid = env["app"], env["done"]["id"]
+    assert 'id="search"' not in env["alice"].get(f"/jobs/{jid}").text  # a run without one
+    with app.state.sessions() as s:
+        job = s.get(Job, jid)
+        before = job.result
+        job.result = {**before, "search": SEARCH}
+        s.commit()
+    try:
+        html = env["alice"].get(f"/jobs/{jid}").text
+        sec = " ".join(_section(html, "search").split())
+        assert re.findall(r'<tr data-trial="(\d+)" data-state="(\w+)"', sec) == [
+            ("0", "complete"), ("1", "complete"), ("2", "pruned")]
+        assert '<tr data-trial="1" data-state="complete" class="best">' in sec and "1 ★" in sec
+        assert "3 trials on the cached features (1 pruned)" in sec and "trial <strong>1</strong>'s parameters" in sec
+        assert "<code>lr 0.0021</code>" in sec and "(the spec's values)" in sec
+        assert 'id="search-lr-chart"' in sec and 'id="search-trial-chart"' in sec
+        assert 'id="lr-find-chart-0"' in sec and "phase unfreeze" in sec and "<strong>1.00e-4</strong>" in sec
+        assert '"search": {' in html or '"search":{' in html  # the charts' data
+    finally:
+        with app.state.sessions() as s:
+            s.get(Job, jid).result = before
+            s.commit()

@@ -388,7 +388,8 @@ def _unsafe_routes(app) -> list[tuple[str, str]]:
 def _write(w: World, method: str, path: str, client: TestClient, headers: dict) -> object:
     """Send the state-changing request, aimed at objects it would really change."""
     job = w.queued if path.endswith("/cancel") else w.done
-    ds = w.ds if path.endswith("/probe") else w.spare_ds  # spare_ds is deleted by a later write
+    # spare_ds is deleted by a later write: the jobs that a write queues go to the other one
+    ds = w.ds if path.endswith(("/probe", "/label-issues")) else w.spare_ds
     target = fill(path.replace("{dataset_id}", str(ds)).replace("{job_id}", str(job)), w)
     return client.request(method, target, headers=headers, follow_redirects=False,
                           **request_kwargs(method, path, w))
@@ -397,6 +398,7 @@ def _write(w: World, method: str, path: str, client: TestClient, headers: dict) 
 # in the order they are sent (the deletes after the writes that need their objects; sign-out last)
 EXPECTED_WRITES = {("POST", "/api/v1/datasets"): 201, ("POST", "/api/v1/jobs"): 201,
                    ("POST", "/api/v1/datasets/{dataset_id}/probe"): 201,
+                   ("POST", "/api/v1/datasets/{dataset_id}/label-issues"): 201,
                    ("POST", "/api/v1/datasets/{dataset_id}/versions"): 400,  # past auth: no such file
                    ("POST", "/api/v1/jobs/{job_id}/cancel"): 200,
                    ("POST", "/api/v1/jobs/{job_id}/predict"): 503,  # no inference service here: past auth

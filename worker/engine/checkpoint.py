@@ -72,6 +72,7 @@ class CheckpointState:
     train_seen: int = 0
     epoch_times: dict[str, list[float]] = field(default_factory=dict)
     accum: int = 1
+    search: dict | None = None  # what spec.search chose (a SearchReport as JSON): a resumed run trains with it
     version: int = CHECKPOINT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

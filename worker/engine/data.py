@@ -9,13 +9,14 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from domain.errors import ImageError
+from domain.errors import DataError, ImageError
 from domain.images import DEFAULT_MAX_PIXELS, _to_rgb, load_image, resize_short  # noqa: F401
 from domain.layout import (  # noqa: F401
     IMAGE_EXTS,
@@ -191,3 +192,38 @@ def image_loader(store: ImageStore, idx: list[int], labels: list[int], transform
     workers = 0 if cached else min(4, len(os.sched_getaffinity(0)))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+@dataclass
+class DecodedSplit:
+    """A split's images decoded into a store: `items` (train images first, then val), the readable train and val
+    images as indices into it, and "file: why" of each unreadable one."""
+
+    store: ImageStore
+    items: list[tuple[Path, int]]
+    train_idx: list[int]
+    val_idx: list[int]
+    skipped: list[str]
+
+
+def decode_split(split: DataSplit, pre: Preprocessing, budget_bytes: int, max_pixels: int,
+                 progress: Callable[[int, int], None], on_skipped: Callable[[str], None]) -> DecodedSplit:
+    """Decode the train and val images of `split` into an ImageStore (`progress(done, total)`), naming each
+    unreadable one to `on_skipped`. DataError when a class has no readable train image left, or val none."""
+    items = split.train + split.val
+    store = ImageStore([p for p, _ in items], pre, budget_bytes, max_pixels=max_pixels, progress=progress)
+    skipped = [f"{split.rel(items[i][0])}: {msg.split(': ', 1)[-1]}" for i, msg in sorted(store.errors.items())]
+    for s in skipped:
+        on_skipped(s)
+    n_train = len(split.train)
+    keep = [i for i in range(len(items)) if i not in store.errors]
+    train_idx = [i for i in keep if i < n_train]
+    val_idx = [i for i in keep if i >= n_train]
+    left = {items[i][1] for i in train_idx}
+    gone = [c for i, c in enumerate(split.classes) if i not in left]
+    if gone:
+        raise DataError(f"no readable training images left for class(es) {', '.join(gone)} "
+                        f"({len(skipped)} images skipped): replace the unreadable files")
+    if not val_idx:
+        raise DataError("no readable validation images left: replace the unreadable files in val/")
+    return DecodedSplit(store, items, train_idx, val_idx, skipped)

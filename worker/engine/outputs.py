@@ -9,23 +9,30 @@ from typing import Any
 
 from domain.callbacks import Callbacks, EpochMetric
 from domain.evaluate import confusion_png
+from domain.results import SearchReport
 from domain.spec import RunSpec
 
 from .backbones import GraftNet, Preprocessing
 from .balance import ClassWeighting
+from .freeze import HEAD, Phase
 from .modelfile import save_model_file
 from .result import RunResult
 
 log = logging.getLogger(__name__)
 
 
-def effective_parameters(spec: RunSpec, max_epochs: int, pre: Preprocessing,
-                         weighting: ClassWeighting | None) -> dict[str, Any]:
-    """The parameters as a run applies them, where its spec leaves the choice to it (RunSummary.effective)."""
-    return {"max_epochs": max_epochs, "until_plateau": spec.until_plateau,
+def effective_parameters(spec: RunSpec, max_epochs: int, pre: Preprocessing, weighting: ClassWeighting | None,
+                         search: SearchReport | None = None, phases: list[Phase] | None = None) -> dict[str, Any]:
+    """The parameters as a run applies them, where its spec leaves the choice to it (RunSummary.effective); with
+    a search, the ones it chose, and the head's learning rate in each phase."""
+    out = {"max_epochs": max_epochs, "until_plateau": spec.until_plateau,
             "early_stopping": f"val loss, patience {p}" if (p := spec.effective_patience()) is not None else "off",
             "lr": spec.effective_lr(), "label_smoothing": spec.effective_label_smoothing(), "image_size": pre.image_size,
             "class_weighting": weighting.describe() if weighting is not None else None}
+    if search is not None:
+        out.update(weight_decay=spec.weight_decay, dropout=spec.dropout, searched=sorted(search.best_params),
+                   lr_by_phase={p.name: p.lr_for(HEAD, spec.effective_lr()) for p in phases or []})
+    return out
 
 
 def write_outputs(out: Path, model: GraftNet, pre: Preprocessing, spec: dict[str, Any], weights: str,

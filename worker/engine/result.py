@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from domain.callbacks import EpochMetric
-from domain.results import RunSummary
+from domain.results import RunSummary, SearchReport
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RunResult:
     val_files: list[str] = field(default_factory=list)  # absolute paths of the val images used
     max_epochs: int | None = None  # the most epochs it could have trained (early stopping ends it before)
     effective: dict[str, Any] = field(default_factory=dict)  # the parameters as applied (RunSummary.effective)
+    search: SearchReport | None = None  # what spec.search tried and chose (stored as the summary's `search`)
 
     def summary(self) -> RunSummary:
         """The run's figures, typed (a job's stored result adds the report and the exports)."""
@@ -48,4 +49,5 @@ class RunResult:
             "macro_f1": self.report["macro_f1"] if self.report else None,
             "skipped": self.skipped,
             "warnings": self.warnings,
+            **({"search": self.search.model_dump(mode="json")} if self.search is not None else {}),
         })

@@ -5,6 +5,7 @@ Frozen-backbone phases train the head on backbone features computed once (train 
 Phases that unfreeze layers train on images from an in-memory store of decoded, resized images.
 Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, RNG, history) from which
 `resume=True` continues; the best epoch (lowest val loss) is what the model file keeps.
+With `spec.search` the parameters are searched first (search.py) and the run trains with what it chose.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from domain.callbacks import CallbackList, Callbacks, EpochMetric
-from domain.errors import DataError, RunStopped, SpecError
+from domain.errors import RunStopped, SpecError
 from domain.evaluate import evaluation
 from domain.images import DEFAULT_MAX_PIXELS
+from domain.layout import DataSplit, discover, subsample
+from domain.results import SearchReport
 from domain.spec import RunSpec
 
 from . import freeze
@@ -33,7 +36,7 @@ from .checkpoint import (
     model_state,
     save_checkpoint,
 )
-from .data import DataSplit, ImageStore, discover, eval_transform, image_loader, normalize, subsample, train_transform
+from .data import ImageStore, decode_split, eval_transform, image_loader, normalize, train_transform
 from .device import amp_dtype_for, autocast, pick_device, rng_state, seed_everything, set_cpu_threads, set_rng_state
 from .features import FeatureCache, FeatureExtractor
 from .loop import micro_batch, predict, retry_on_oom, train_epoch_on_features, train_epoch_on_images
@@ -42,6 +45,7 @@ from .progress import Progress as _Progress
 from .progress import epoch_estimate, eta_after_epoch, eta_after_features, expected_epochs
 from .result import RunResult
 from .schedules import phase_scheduler
+from .search import tune
 
 __all__ = ["CHECKPOINT_VERSION", "RunResult", "Runner", "pick_device", "run", "seed_everything", "set_cpu_threads"]
 
@@ -54,7 +58,9 @@ class Runner:
                  callbacks: Callbacks | None = None, resume: bool = False,
                  cache_dir: str | Path | FeatureCache | None = None, device: str | None = None,
                  store_budget_bytes: int = 3 << 30, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.spec = spec
+        self.spec = spec  # with spec.search, the run trains with the searched values: `tune` replaces it
+        self.requested = spec  # the spec as given: what a checkpoint belongs to
+        self.search: SearchReport | None = None  # what the search tried and chose (search.py)
         self.max_pixels = max_pixels  # larger images are skipped and named (a server's GRAFT_MAX_IMAGE_PIXELS)
         self.data_dir = Path(data_dir)
         self.out = Path(out_dir) if out_dir is not None else None
@@ -122,29 +128,12 @@ class Runner:
         self.use_feature_cache = self.phases[0].backbone_frozen
 
     def _decode(self, progress: _Progress) -> None:
-        items = self.split.train + self.split.val
         t = time.perf_counter()
-        store = ImageStore([p for p, _ in items], self.pre, self.budget, max_pixels=self.max_pixels,
-                           progress=lambda d, n: progress("decode", 0, d, n, t))
-        self.skipped = [f"{self.split.rel(items[i][0])}: {msg.split(': ', 1)[-1]}"
-                        for i, msg in sorted(store.errors.items())]
-        for s in self.skipped:
-            self.cb.on_message(f"skipped {s}")
-        n_train = len(self.split.train)
-        keep = [i for i in range(len(items)) if i not in store.errors]
-        self.train_idx = [i for i in keep if i < n_train]
-        self.val_idx = [i for i in keep if i >= n_train]
-        self.train_labels = [items[i][1] for i in self.train_idx]
-        self.val_labels = [items[i][1] for i in self.val_idx]
-        self.items = items
-        left = set(self.train_labels)
-        gone = [c for i, c in enumerate(self.classes) if i not in left]
-        if gone:
-            raise DataError(f"no readable training images left for class(es) {', '.join(gone)} "
-                            f"({len(self.skipped)} images skipped): replace the unreadable files")
-        if not self.val_labels:
-            raise DataError("no readable validation images left: replace the unreadable files in val/")
-        self.store = store
+        d = decode_split(self.split, self.pre, self.budget, self.max_pixels,
+                         lambda done, n: progress("decode", 0, done, n, t), lambda s: self.cb.on_message(f"skipped {s}"))
+        self.store, self.items, self.skipped, self.train_idx, self.val_idx = d.store, d.items, d.skipped, d.train_idx, d.val_idx
+        self.train_labels = [self.items[i][1] for i in self.train_idx]
+        self.val_labels = [self.items[i][1] for i in self.val_idx]
 
     # ------------------------------------------------------------ batches
 
@@ -152,6 +141,12 @@ class Runner:
         if self.store is None:
             raise RuntimeError("the images are not decoded: call compute_features(need_images=True) first")
         return image_loader(self.store, idx, labels, transform, self.spec.batch_size, shuffle, self.device)
+
+    def train_batches(self):
+        """Shuffled, augmented batches of the train images as (model inputs, labels) on the device."""
+        loader = self._loader(self.train_idx, self.train_labels, train_transform(self.spec.augment, self.pre.image_size),
+                              shuffle=True)
+        return ((self._inputs(x), y.to(self.device)) for x, y in loader)
 
     def _inputs(self, x_u8: torch.Tensor) -> torch.Tensor:
         return normalize(x_u8.to(self.device, non_blocking=True), self.pre, self.channels_last)
@@ -251,7 +246,7 @@ class Runner:
             return torch.optim.SGD(pg, lr=lr, momentum=0.9, nesterov=True, weight_decay=self.spec.weight_decay)
         return torch.optim.AdamW(pg, lr=lr, weight_decay=self.spec.weight_decay)
 
-    def _batch_size(self, on_features: bool) -> int:
+    def batch_size(self, on_features: bool) -> int:
         """Training the head on cached features costs nothing per step, so small datasets get smaller
         batches there: at least 10 optimizer steps per epoch, never more than batch_size per batch."""
         if not on_features:
@@ -263,7 +258,7 @@ class Runner:
     def _epoch_on_features(self, phase, opt, sched, epoch: int, progress: _Progress):
         feats = self.train_feats[(epoch - 1) % len(self.train_feats)]
         return train_epoch_on_features(
-            self.model.head, feats, self.train_labels, opt, sched, self.device, self._batch_size(True),
+            self.model.head, feats, self.train_labels, opt, sched, self.device, self.batch_size(True),
             self.spec.effective_label_smoothing(),
             lambda done, n, t, seen: progress("train", epoch, done, n, t, self._eta_after_epoch(epoch)),
             self.class_weights)
@@ -336,7 +331,7 @@ class Runner:
         self.cb.on_checkpoint(path, "last")
 
     def _load_checkpoint(self) -> CheckpointState | None:
-        return load_checkpoint(self._ckpt_path(), self.spec.model_dump(), self.classes)
+        return load_checkpoint(self._ckpt_path(), self.requested.model_dump(), self.classes)
 
     # ------------------------------------------------------------ the run
 
@@ -369,6 +364,7 @@ class Runner:
             self.weighting = class_weighting(self.spec.class_weighting, self.train_labels, len(self.classes))
             self.class_weights = self.weighting.tensor(self.device)
             self.cb.on_message(f"class weighting: {self.weighting.describe()}")
+            self.search = tune(self, progress, ck.search if ck else None, lambda: self._eta_after_epoch(0))
             if ck is not None:
                 load_model_state(self.model, ck.model)
                 history = [EpochMetric(**h) for h in ck.history]
@@ -392,7 +388,7 @@ class Runner:
                 if not phase.backbone_frozen:
                     body_touched = True
                 opt = self.optimizer(phase)
-                steps = math.ceil(len(self.train_idx) / self._batch_size(on_feats))
+                steps = math.ceil(len(self.train_idx) / self.batch_size(on_feats))
                 sched = phase_scheduler(opt, self.spec.schedule, phase.epochs, phase.warmup_epochs, steps)
                 scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 and not on_feats
                           else None)
@@ -445,14 +441,15 @@ class Runner:
                                     self._eta_after_epoch(global_epoch), improved)
                     history.append(m)
                     self._save_checkpoint(CheckpointState(
-                        spec=self.spec.model_dump(), classes=self.classes, epoch=global_epoch,
+                        spec=self.requested.model_dump(), classes=self.classes, epoch=global_epoch,
                         phase_index=pi if not stop_early else pi + 1,
                         epoch_in_phase=e_in + 1 if not stop_early else 0,
                         model=model_state(self.model, body_touched), optimizer=opt.state_dict(),
                         scheduler=sched.state_dict(), scaler=scaler.state_dict() if scaler else None,
                         rng=rng_state(), history=[h.to_dict() for h in history], best=best,
                         bad_epochs=bad_epochs, body_touched=body_touched, elapsed=elapsed,
-                        train_seen=train_seen, epoch_times=self.epoch_times, accum=self.accum))
+                        train_seen=train_seen, epoch_times=self.epoch_times, accum=self.accum,
+                        search=self.search.model_dump(mode="json") if self.search is not None else None))
                     self.cb.on_epoch_end(m)
                     if stop_early:
                         self.cb.on_message(f"early stop after epoch {global_epoch} (best: {best.epoch}) in phase "
@@ -470,7 +467,8 @@ class Runner:
                            train_images_per_s=train_seen / max(seconds, 1e-9), history=history,
                            warnings=self.split.warnings, skipped=self.skipped,
                            device=str(self.device), counts=self.split.counts(), max_epochs=self.total_epochs,
-                           effective=effective_parameters(self.spec, self.total_epochs, self.pre, self.weighting))
+                           effective=effective_parameters(self.spec, self.total_epochs, self.pre, self.weighting,
+                                                          self.search, self.phases), search=self.search)
         if status == "stopped" or best.state is None:
             result.status = "stopped"
             return result

@@ -163,6 +163,9 @@ def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> Evalu
     if job.kind == JobKind.probe.value:
         raise NotFound(f"job {job_id} compares backbones and trains no model, so it has no evaluation: its "
                        f"leaderboard is at GET /api/v1/datasets/{job.dataset_id}/probe")
+    if job.kind == JobKind.label_issues.value:
+        raise NotFound(f"job {job_id} looks for wrong labels and trains no model, so it has no evaluation: its "
+                       f"suspects are at GET /api/v1/datasets/{job.dataset_id}/label-issues")
     summary = RunSummary.from_stored(job.result)
     report = summary.report if summary is not None else None
     if job.status != JobStatus.succeeded.value or report is None:

@@ -65,6 +65,9 @@ def create_inference_app(data_dir: Path, cache_size: int = 4, settings: Any = No
 
     @app.post("/predict")
     async def predict(request: Request):
+        """Form fields: `model`, `files` (repeated), `top_k`, `explain` (true: a heatmap per image),
+        `confidence_threshold` (overrides the model file's). Each result: top-k calibrated probabilities,
+        `abstained`, `ood_score` (null for a model file without trust data), with `explain` `heatmap_png`."""
         form = await request.form(max_files=1000)
         try:
             model = form.get("model")
@@ -89,6 +92,14 @@ def create_inference_app(data_dir: Path, cache_size: int = 4, settings: Any = No
                 top_k = max(1, min(int(str(form.get("top_k") or 3)), 100))
             except ValueError:
                 return _error(400, "top_k must be an integer")
+            explain = str(form.get("explain") or "").lower() in {"1", "true", "yes", "on"}
+            try:  # the job's operating point when the user moved it; else the model file's (chosen on val)
+                raw = form.get("confidence_threshold")
+                threshold = float(str(raw)) if raw not in (None, "") else None
+            except ValueError:
+                return _error(400, "confidence_threshold must be a number from 0 to 1")
+            if threshold is not None and not 0.0 <= threshold <= 1.0:
+                return _error(400, "confidence_threshold must be a number from 0 to 1")
             files = [(f.filename or f"image{i}", f.file) for i, f in enumerate(form.getlist("files"))
                      if isinstance(f, UploadFile)]
 
@@ -101,7 +112,8 @@ def create_inference_app(data_dir: Path, cache_size: int = 4, settings: Any = No
                     return None, str(e)
                 t = time.perf_counter()
                 with predictor.lock:
-                    res = predictor.predict_sources(files, top_k=top_k)
+                    res = predictor.predict_sources(files, top_k=top_k, explain=explain,
+                                                    confidence_threshold=threshold)
                 return (res, time.perf_counter() - t), None
 
             out, err = await run_in_threadpool(work)

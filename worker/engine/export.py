@@ -2,6 +2,10 @@
 
 An ONNX export whose probabilities drift from PyTorch's (top-1 agreement below 99.5% or a probability
 difference above 1e-3 on the check images) is marked failed with its figures; it is never offered as good.
+
+Both exports have the model's temperature inside (trust.CalibratedNet): their `logits` output is the calibrated
+logits (logits / T), whose softmax is the calibrated probabilities Graft's API returns; ONNX also outputs
+`probabilities` (that softmax), TorchScript has a `probabilities(x)` method. Without calibration T = 1.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from domain.exports import AFTER_TRAINING
 from .backbones import Preprocessing
 from .data import decode_for, eval_transform, normalize
 from .modelfile import load_model
+from .trust import CalibratedNet, WithProbabilities, card_entry
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +54,9 @@ def _atomic_path(path: Path):
     return Path(tmp)
 
 
-def model_card(meta: dict) -> dict:
-    """What a user needs to run the model elsewhere and get Graft's results."""
+def model_card(meta: dict, confidence_threshold: float | None = None) -> dict:
+    """What a user needs to run the model elsewhere and get Graft's results; `confidence_threshold`: the job's
+    operating point when the user moved it (default: the one chosen on the val set, in the model file)."""
     m = meta.get("metrics", {})
     return {
         "format": "graft.model_card/1",
@@ -61,7 +67,11 @@ def model_card(meta: dict) -> dict:
                                              meta["preprocessing"]["image_size"]], "dtype": "float32",
                   "layout": "NCHW, RGB"},
         "output": {"name": "logits", "shape": ["batch", len(meta["classes"])],
-                   "note": "apply softmax for probabilities; index i is classes[i]"},
+                   "note": "calibrated logits (divided by the temperature): apply softmax for calibrated "
+                           "probabilities; index i is classes[i]. ONNX also outputs `probabilities` "
+                           "(the softmax); TorchScript has the method probabilities(x)"},
+        "temperature": float((meta.get("trust") or {}).get("temperature", 1.0)),
+        "trust": card_entry(meta.get("trust"), confidence_threshold),
         "run_parameters": meta.get("spec", {}),
         "metrics": {k: m.get(k) for k in ("val_acc", "val_loss", "best_epoch", "epochs_run")},
         "per_class": (m.get("report") or {}).get("per_class"),
@@ -84,14 +94,23 @@ def check_images(paths: Sequence[Path], pre: Preprocessing, limit: int = 256) ->
     return normalize(torch.stack(out), pre, channels_last=False)
 
 
-def export_torchscript(model, pre: Preprocessing, path: Path, card: dict | None = None) -> ExportResult:
-    model = model.to(memory_format=torch.contiguous_format).eval()
+def _calibrated(model, temperature: float | None) -> CalibratedNet:
+    if isinstance(model, CalibratedNet):
+        return model.eval()
+    return CalibratedNet(model.to(memory_format=torch.contiguous_format), temperature or 1.0).eval()
+
+
+def export_torchscript(model, pre: Preprocessing, path: Path, card: dict | None = None,
+                       temperature: float | None = None) -> ExportResult:
+    """`forward` gives the calibrated logits, `probabilities` their softmax (`temperature` from the model file)."""
+    net = _calibrated(model, temperature)
     example = torch.zeros(1, 3, pre.image_size, pre.image_size)
     tmp = _atomic_path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, example, check_trace=False)
+            traced = torch.jit.trace_module(net, {"forward": example, "probabilities": example},
+                                            check_trace=False)
         # the model card travels inside the file: torch.jit.load(f, _extra_files={"model_card.json": ""})
         traced.save(str(tmp), _extra_files={"model_card.json": json.dumps(card or {})})
         os.replace(tmp, path)
@@ -101,18 +120,21 @@ def export_torchscript(model, pre: Preprocessing, path: Path, card: dict | None 
     return ExportResult("torchscript", str(path), True)
 
 
-def export_onnx(model, pre: Preprocessing, path: Path, images: torch.Tensor, card: dict | None = None
-                ) -> ExportResult:
-    """Export with a dynamic batch axis, then run onnxruntime on `images` and compare with PyTorch."""
-    model = model.to(memory_format=torch.contiguous_format).eval()
+def export_onnx(model, pre: Preprocessing, path: Path, images: torch.Tensor, card: dict | None = None,
+                temperature: float | None = None) -> ExportResult:
+    """Export with a dynamic batch axis (outputs `logits`, calibrated, and `probabilities`), then run onnxruntime
+    on `images` and compare its probabilities with PyTorch's calibrated ones."""
+    model = _calibrated(model, temperature)
     example = images[:2] if len(images) >= 2 else torch.zeros(2, 3, pre.image_size, pre.image_size)
     tmp = _atomic_path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                              dynamo=False)
+            # (in eval mode: the exporter restores the wrapper's mode afterwards, and with it the model's)
+            torch.onnx.export(WithProbabilities(model).eval(), (example,), str(tmp), input_names=["image"],
+                              output_names=["logits", "probabilities"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"},
+                                            "probabilities": {0: "batch"}}, opset_version=17, dynamo=False)
         if card is not None:  # the model card travels inside the file, as metadata "graft.model_card"
             import onnx
 
@@ -144,10 +166,14 @@ def onnx_parity(onnx_path: Path, model, images: torch.Tensor, batch_size: int = 
     for s in range(0, len(images), batch_size):
         x = images[s:s + batch_size].contiguous()
         ref = model(x).float().softmax(1).numpy()
-        got = sess.run(None, {name: x.numpy()})[0]
-        got = np.exp(got - got.max(1, keepdims=True))
+        outs = sess.run(None, {name: x.numpy()})
+        logits = outs[0]
+        got = np.exp(logits - logits.max(1, keepdims=True))
         got /= got.sum(1, keepdims=True)
+        # the `probabilities` output, and the softmax of the `logits` output, both match PyTorch's
         diffs.append(float(np.abs(got - ref).max()))
+        if len(outs) > 1:
+            diffs.append(float(np.abs(outs[1] - ref).max()))
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
     return {"images": int(len(images)), "max_abs_prob_diff": max(diffs) if diffs else 0.0,
             "top1_agreement": agree / max(len(images), 1)}
@@ -160,13 +186,15 @@ def export_all(model_file: str | Path, out_dir: str | Path, check_paths: Sequenc
     model, meta = load_model(model_file)
     pre = Preprocessing.from_dict(meta["preprocessing"])
     card = model_card(meta)
+    temperature = card["temperature"]
     card_path = out_dir / "model_card.json"
     card_path.write_text(json.dumps(card, indent=2))
     results = [ExportResult("pytorch", str(model_file), True), ExportResult("model_card", str(card_path), True)]
     if "torchscript" in formats:
-        results.append(export_torchscript(model, pre, out_dir / "model.torchscript.pt", card))
+        results.append(export_torchscript(model, pre, out_dir / "model.torchscript.pt", card, temperature))
     if "onnx" in formats:
-        results.append(export_onnx(model, pre, out_dir / "model.onnx", check_images(check_paths, pre), card))
+        results.append(export_onnx(model, pre, out_dir / "model.onnx", check_images(check_paths, pre), card,
+                                   temperature))
     for r in results:
         if not r.ok:
             log.warning("%s", r.error)

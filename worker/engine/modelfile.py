@@ -3,6 +3,8 @@
 A model file holds everything needed to use the model later without Graft's run folder: the class
 names, the backbone, the preprocessing, the run's parameters, the final metrics and the weights.
 It loads with `torch.load(weights_only=True)` (plain containers and tensors only, no pickled code).
+An optional `trust` entry (trust.TrustFit.state: temperature, confidence threshold, the OOD detector's bank)
+makes predictions calibrated and able to abstain; files without it predict as before.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def save_model_file(path: Path, model: GraftNet, classes: list[str], pre: Preprocessing, spec: dict,
-                    metrics: dict, weights: str) -> None:
+                    metrics: dict, weights: str, trust: dict | None = None) -> None:
+    extra = {"trust": trust} if trust else {}
     atomic_save({
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
@@ -56,6 +59,7 @@ def save_model_file(path: Path, model: GraftNet, classes: list[str], pre: Prepro
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        **extra,
     }, path)
 
 

@@ -1,4 +1,5 @@
-"""Predictions from a saved model file."""
+"""Predictions from a saved model file: calibrated probabilities, and when the model file has a `trust` entry,
+an out-of-distribution score and whether Graft abstains on each image; optionally a heatmap of the evidence."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ from domain.errors import ImageError
 from .backbones import Preprocessing
 from .data import eval_transform, load_image, normalize, resize_short, to_tensor_u8
 from .modelfile import load_model
+from .trust import TrustModel
 
 
 class Predictor:
@@ -24,51 +26,93 @@ class Predictor:
         self.device = torch.device(device)
         self.classes: list[str] = self.meta["classes"]
         self.pre = Preprocessing.from_dict(self.meta["preprocessing"])
+        self.trust = TrustModel.from_meta(self.meta)
         self._crop = eval_transform(self.pre.image_size)
         self.channels_last = self.model.info.channels_last  # faster for convnets, on CPU too
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
     def _tensor(self, source: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
-        img = load_image(source, self.pre.resize_size, name=name)
-        return self._crop(to_tensor_u8(resize_short(img, self.pre.resize_size, self.pre.interpolation)))
+        return self._decode(source, name)[0]
+
+    def _decode(self, source: Path | BinaryIO, name: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The model's input (uint8, cropped) and the size (width, height) of the resized image it was cut from."""
+        img = resize_short(load_image(source, self.pre.resize_size, name=name), self.pre.resize_size,
+                           self.pre.interpolation)
+        return self._crop(to_tensor_u8(img)), img.size
+
+    def _inputs(self, batch_u8: torch.Tensor) -> torch.Tensor:
+        return normalize(batch_u8.to(self.device), self.pre, channels_last=self.channels_last)
 
     @torch.inference_mode()
     def probabilities(self, batch_u8: torch.Tensor) -> torch.Tensor:
-        x = normalize(batch_u8.to(self.device), self.pre, channels_last=self.channels_last)
-        return self.model(x).float().softmax(1).cpu()
+        """Calibrated probabilities: softmax(logits / T) (T = 1 for a model file without calibration)."""
+        return self.answers(batch_u8)[0]
 
-    def predict(self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32) -> list[dict]:
-        """One dict per path, in order: {"file", "top": [{"class", "probability"}...]} or {"file", "error"}."""
-        return self.predict_sources([(str(p), Path(p)) for p in paths], top_k, batch_size)
+    @torch.inference_mode()
+    def answers(self, batch_u8: torch.Tensor, confidence_threshold: float | None = None
+                ) -> tuple[torch.Tensor, list[float | None], list[bool]]:
+        """(calibrated probabilities, OOD scores, abstained) of a batch of uint8 crops."""
+        feats = self.model.body(self._inputs(batch_u8)).float()
+        return self.trust(self.model.head(feats), feats, confidence_threshold)
+
+    def predict(self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32, explain: bool = False,
+                confidence_threshold: float | None = None) -> list[dict]:
+        """One dict per path, in order: {"file", "top": [{"class", "probability"}...], "abstained", "ood_score"}
+        (and "heatmap_png" with `explain`) or {"file", "error"}."""
+        return self.predict_sources([(str(p), Path(p)) for p in paths], top_k, batch_size, explain,
+                                    confidence_threshold)
 
     def predict_sources(self, sources: Sequence[tuple[str, Path | BinaryIO]], top_k: int = 3,
-                        batch_size: int = 32) -> list[dict]:
-        """Like `predict`, for (name, path or binary file) pairs (uploaded images)."""
+                        batch_size: int = 32, explain: bool = False,
+                        confidence_threshold: float | None = None) -> list[dict]:
+        """Like `predict`, for (name, path or binary file) pairs (uploaded images). `abstained`: the image is
+        unlike the training images (`ood_score` above the model's threshold) or its calibrated confidence is
+        below `confidence_threshold` (default: the one chosen on the val set; `abstain_reason` says which).
+        `explain`: `heatmap_png`, a base64 grayscale PNG at the image's width and height, brighter where the
+        evidence for the top class is."""
+        from .explain import display_size, heatmaps, png_base64, to_image_size
+
         paths = [name for name, _ in sources]
         results: list[dict] = [{} for _ in sources]
-        good: list[tuple[int, torch.Tensor]] = []
+        good: list[tuple[int, torch.Tensor, tuple[int, int], tuple[int, int] | None]] = []
 
         def decode(item):
             name, src = item
             try:
-                return self._tensor(src, None if isinstance(src, Path) else name), None
+                size = display_size(src) if explain else None
+                t, resized = self._decode(src, None if isinstance(src, Path) else name)
+                return (t, resized, size), None
             except ImageError as e:
                 return None, str(e)
+            except OSError as e:  # display_size on a file Pillow cannot open: the same reason as load_image's
+                return None, f"{name}: unreadable ({e})"
 
         # Pillow releases the GIL while decoding: decode on all cores
         with ThreadPoolExecutor(max(1, min(8, len(os.sched_getaffinity(0))))) as pool:
-            for i, ((name, _), (t, err)) in enumerate(zip(sources, pool.map(decode, sources))):
+            for i, ((name, _), (out, err)) in enumerate(zip(sources, pool.map(decode, sources))):
                 if err is None:
-                    good.append((i, t))
+                    good.append((i, *out))
                 else:
                     results[i] = {"file": name, "error": err}
         k = min(top_k, len(self.classes))
+        thr = self.trust.confidence_threshold if confidence_threshold is None else confidence_threshold
         for s in range(0, len(good), batch_size):
             chunk = good[s:s + batch_size]
-            probs = self.probabilities(torch.stack([t for _, t in chunk]))
-            for (i, _), pr in zip(chunk, probs):
+            batch = torch.stack([t for _, t, _, _ in chunk])
+            probs, scores, abstained = self.answers(batch, confidence_threshold)
+            cams = heatmaps(self.model, self._inputs(batch), probs.argmax(1).tolist()) if explain else None
+            for n, ((i, _, resized, size), pr) in enumerate(zip(chunk, probs)):
                 vals, idx = pr.topk(k)
-                results[i] = {"file": str(paths[i]), "top": [
-                    {"class": self.classes[j], "probability": round(float(v), 6)} for v, j in zip(vals, idx)]}
+                r = {"file": str(paths[i]), "top": [
+                    {"class": self.classes[j], "probability": round(float(v), 6)} for v, j in zip(vals, idx)],
+                    "abstained": abstained[n], "ood_score": scores[n]}
+                if abstained[n]:
+                    score = scores[n]
+                    ood = self.trust.scorer is not None and score is not None and score > self.trust.scorer.threshold
+                    r["abstain_reason"] = "unlike the training images" if ood else \
+                        f"confidence {float(vals[0]):.2f} is below the threshold {thr:.2f}"
+                if cams is not None and size is not None:
+                    r["heatmap_png"] = png_base64(to_image_size(cams[n], resized, size))
+                results[i] = r
         return results

@@ -21,6 +21,7 @@ from app.api.routes import (
     label_issues,
     metrics,
     probe,
+    trust,
     uploads,
     workspaces,
 )
@@ -184,7 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # compare before jobs: its /api/v1/jobs/compare would otherwise match /api/v1/jobs/{job_id}
     for r in (health.router, metrics.router, backbones.router, workspaces.router, datasets.router, compare.router,
-              probe.router, label_issues.router, jobs.router, uploads.router):
+              probe.router, label_issues.router, trust.router, jobs.router, uploads.router):
         app.include_router(r)
     from app.web.routes import router as web_router
 

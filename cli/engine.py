@@ -240,24 +240,42 @@ def predict(
     model: Path = typer.Argument(..., help="A model.pt written by `graft train`."),
     images: list[Path] = typer.Argument(..., help="Image files."),
     top_k: int = typer.Option(3, min=1),
+    confidence_threshold: float | None = typer.Option(
+        None, min=0.0, max=1.0, help="Abstain below this calibrated confidence (default: the model's operating point)."),
+    explain: Path | None = typer.Option(None, help="Write a heatmap of where the model looked for each image "
+                                                  "into this folder (<image name>.heatmap.png)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Classify images with a trained model."""
+    """Classify images with a trained model: calibrated probabilities, and "none of these" (abstained) when an
+    image is unlike the training images or the model is not sure enough."""
+    import base64
+
     from domain.errors import GraftError
     from worker.engine.predict import Predictor
 
     try:
-        res = Predictor(model).predict(images, top_k=top_k)
+        res = Predictor(model).predict(images, top_k=top_k, explain=explain is not None,
+                                       confidence_threshold=confidence_threshold)
     except GraftError as e:
         _fail(str(e))
+    if explain is not None:
+        explain.mkdir(parents=True, exist_ok=True)
+        for r in res:
+            if r.get("heatmap_png"):
+                dest = explain / f"{Path(r['file']).name}.heatmap.png"
+                dest.write_bytes(base64.b64decode(r["heatmap_png"]))
+                r["heatmap_file"] = str(dest)
+                del r["heatmap_png"]
     if as_json:
         sys.stdout.write(json.dumps(res) + "\n")
         return
     for r in res:
         if "error" in r:
             typer.echo(f"{r['file']}: error: {r['error']}")
-        else:
-            typer.echo(f"{r['file']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+            continue
+        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+        note = f"  [none of these: {r.get('abstain_reason') or 'abstained'}]" if r.get("abstained") else ""
+        typer.echo(f"{r['file']}: {top}{note}" + (f"  (heatmap: {r['heatmap_file']})" if "heatmap_file" in r else ""))
 
 
 def export(

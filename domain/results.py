@@ -124,6 +124,10 @@ class RunSummary(Result):
     warnings: list[str] = Field(default_factory=list)
     report: EvaluationReport | None = None
     exports: list[ExportCheck] = Field(default_factory=list)
+    trust: dict[str, Any] | None = Field(
+        None, description="Calibration (temperature, ece_before, ece_after, reliability bins), abstention (the "
+                          "default threshold, its coverage and accuracy, the coverage-accuracy curve) and the "
+                          "out-of-distribution check, fitted on the val set (worker/engine/trust.py).")
 
 
 # ---------------------------------------------------------------- a backbone comparison

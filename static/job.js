@@ -275,9 +275,20 @@
       body.appendChild(el("div", "try-name", file.name));
       const out = el("div", "try-out muted small", "Classifying…");
       body.appendChild(out);
-      li.append(img, body);
+      const fig = el("span", "try-figure");
+      fig.appendChild(img);
+      li.append(fig, body);
       results.appendChild(li);
+      out.figure = fig;  // where a heatmap goes (explain)
       return out;
+    }
+
+    function showHeatmap(fig, png) {
+      if (!fig || !png) return;
+      const heat = el("img", "try-heat");
+      heat.alt = "Where the model looked (brighter: more evidence for its answer)";
+      heat.src = `data:image/png;base64,${png}`;
+      fig.appendChild(heat);
     }
 
     function showResult(out, r) {
@@ -299,6 +310,10 @@
         row.appendChild(el("span", "prob-num", Graft.pct(t.probability)));
         out.appendChild(row);
       });
+      if (r.abstained) {
+        out.prepend(el("div", "try-abstained", `None of these: ${r.abstain_reason || "not sure enough"}`));
+      }
+      showHeatmap(out.figure, r.heatmap_png);
     }
 
     async function classify(fileList) {
@@ -325,7 +340,8 @@
           form.append("top_k", "3");
           let body;
           try {
-            body = await Graft.api("POST", `/api/v1/jobs/${data.id}/predict`, form);
+            const explain = $("try-explain") && $("try-explain").checked ? "?explain=true" : "";
+            body = await Graft.api("POST", `/api/v1/jobs/${data.id}/predict${explain}`, form);
           } catch (e) {
             notes.push(e.message);
             outs.slice(s).forEach((o) => { o.className = "try-out try-fail"; o.textContent = "Not classified."; });

@@ -178,7 +178,8 @@ def run_train(a: Attempt) -> str:
         if not reporter._owns(s):
             return "superseded"
         files = [(f.artifact, f.file) for f in EXPORT_FORMATS.values()]
-        for kind, name in files + [("metrics", "metrics.json"), ("confusion_matrix", "confusion_matrix.png")]:
+        for kind, name in files + [("metrics", "metrics.json"), ("confusion_matrix", "confusion_matrix.png"),
+                                ("reliability", "reliability.png")]:
             p = out / name
             if p.is_file() and not s.scalar(select(Artifact.id).where(Artifact.job_id == job_id,
                                                                      Artifact.kind == kind)):

@@ -181,6 +181,19 @@ class EvaluationOut(EvaluationReport):
                                        description="Most confident mistakes first.")
     confusion_matrix_png: str = Field(description="The confusion matrix as a picture (GET).")
     exports: list[ExportCheck] = Field(default_factory=list)
+    calibration: dict[str, Any] | None = Field(
+        None, description="Temperature scaling fitted on the val set: temperature, ece_before, ece_after (cross-"
+                          "fitted: each val image's calibrated confidence comes from a temperature fitted without "
+                          "it), bins_before/bins_after (the reliability diagram's bins). Every probability Graft "
+                          "returns for this job is calibrated. Absent for jobs trained before it was fitted.")
+    abstain: dict[str, Any] | None = Field(
+        None, description="The operating point below which predictions abstain: threshold (calibrated "
+                          "confidence), coverage (share of val images answered), accuracy_when_answered, and "
+                          "the coverage-accuracy curve it was chosen on.")
+    ood: dict[str, Any] | None = Field(
+        None, description="The out-of-distribution check on the frozen features (method, threshold, the share of "
+                          "val images it flags); `junk` is null unless images of no class were given to measure it.")
+    reliability_png: str | None = Field(None, description="The reliability diagram, before and after (GET).")
 
 
 class ClassProbability(BaseModel):
@@ -195,8 +208,17 @@ class Prediction(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     file: str
-    top: list[ClassProbability] | None = Field(None, description="Most probable first.")
+    top: list[ClassProbability] | None = Field(None, description="Most probable first (calibrated "
+                                                                 "probabilities when the job has a temperature).")
     error: str | None = None
+    abstained: bool | None = Field(None, description="True when the model does not answer: the image is unlike "
+                                   "the training images (ood_score above the job's threshold) or its calibrated "
+                                   "confidence is below the job's operating point.")
+    ood_score: float | None = Field(None, description="Out-of-distribution score (distance to the training "
+                                    "images' features; higher: less like them); null for older models.")
+    abstain_reason: str | None = None
+    heatmap_png: str | None = Field(None, description="With explain=true: a base64 grayscale PNG at the image's "
+                                    "size, brighter where the evidence for the top class is (Grad-CAM).")
 
 
 class PredictOut(BaseModel):

@@ -115,6 +115,11 @@ def artifact(session: Session, user: User, job_id: int, kind: str) -> Artifact:
     return art
 
 
+def has_artifact(session: Session, job_id: int, kind: str) -> bool:
+    """Whether the (already checked) job has a file of this kind."""
+    return session.scalar(select(Artifact.id).where(Artifact.job_id == job_id, Artifact.kind == kind)) is not None
+
+
 def latest_of_kind(session: Session, user: User, dataset_id: int, kind: str) -> tuple[Job | None, Job | None]:
     """(the dataset's newest job of `kind` that the user may see, any status; its newest that succeeded)."""
     q = select(Job).where(Job.dataset_id == dataset_id, access.visible_to(Job, user), Job.kind == kind)

@@ -195,6 +195,8 @@ def request_kwargs(method: str, path: str, w: World) -> dict:
         return {"json": {"remove": ["train/no/such.jpg"]}}
     if (method, path) == ("POST", "/api/v1/jobs/{job_id}/predict"):
         return {"files": [("files", ("a.jpg", _jpeg(), "image/jpeg"))]}
+    if (method, path) == ("PUT", "/api/v1/jobs/{job_id}/operating-point"):
+        return {"json": {"confidence_threshold": 0.5}}
     if (method, path) == ("POST", "/api/v1/workspaces"):
         return {"json": {"name": "shared"}}
     if (method, path) == ("POST", "/api/v1/workspaces/{workspace_id}/members"):
@@ -402,6 +404,8 @@ EXPECTED_WRITES = {("POST", "/api/v1/datasets"): 201, ("POST", "/api/v1/jobs"): 
                    ("POST", "/api/v1/datasets/{dataset_id}/versions"): 400,  # past auth: no such file
                    ("POST", "/api/v1/jobs/{job_id}/cancel"): 200,
                    ("POST", "/api/v1/jobs/{job_id}/predict"): 503,  # no inference service here: past auth
+                   # the job has no calibration to choose an operating point on: past auth
+                   ("PUT", "/api/v1/jobs/{job_id}/operating-point"): 409,
                    ("DELETE", "/api/v1/datasets/{dataset_id}"): 204, ("DELETE", "/api/v1/jobs/{job_id}"): 204,
                    # alice is no admin, and her workspace is personal: refused past the CSRF check
                    ("POST", "/api/v1/workspaces"): 403, ("POST", "/api/v1/workspaces/{workspace_id}/members"): 409,

@@ -426,6 +426,33 @@ def test_05_evaluation_and_downloads(browser_session):
     onnx.checker.check_model(onnx.load(str(got["onnx"])))
     card = json.loads(got["model_card"].read_text())
     assert card["classes"] == ["ants", "bees"]
+    assert card["trust"]["temperature"] == card["temperature"] > 0
+    s["watch"].check()
+
+
+def test_05b_calibration_and_the_operating_point(browser_session):
+    s = browser_session
+    page = s["page"]
+    trust = page.locator("#trust")
+    trust.scroll_into_view_if_needed()
+    assert "temperature" in trust.inner_text() and "→" in page.locator("#trust-ece").inner_text()
+    page.wait_for_function("() => { const i = document.getElementById('reliability-png'); "
+                           "return i && i.complete && i.naturalWidth > 200; }")
+    assert page.locator("#coverage-chart").bounding_box()["height"] > 100
+    # moving the slider reads the curve; saving stores the point with the job
+    page.locator("#threshold-range").fill("0.99")
+    assert page.locator("#threshold-text").inner_text() == "0.99"
+    effect = page.locator("#threshold-effect").inner_text()
+    assert effect.startswith("At 0.99: answers ") and "of the val images" in effect
+    with page.expect_response(lambda r: r.url.endswith("/operating-point") and r.request.method == "PUT") as resp:
+        page.locator("#threshold-save").click()
+    assert resp.value.status == 200
+    page.wait_for_function("() => document.getElementById('threshold-note').textContent.startsWith('Set by')")
+    jid = page.url.rstrip("/").split("/")[-1]
+    ev = page.evaluate(f"fetch('/api/v1/jobs/{jid}/evaluation').then(r => r.json())")
+    assert ev["abstain"]["threshold"] == 0.99 and ev["abstain"]["operating_point"]["set_by"]
+    shot(s, "05b-calibration")
+    check_page(s)
     s["watch"].check()
 
 
@@ -438,7 +465,15 @@ def test_06_classify_a_dropped_image(browser_session):
     top = page.locator("#try-results .prob-top .prob-class").inner_text()
     assert top in ("ants", "bees")
     assert page.locator("#try-results .prob-row").count() == 2
-    assert page.locator("#try-results img").evaluate("i => i.complete && i.naturalWidth > 0")
+    assert page.locator("#try-results img").first.evaluate("i => i.complete && i.naturalWidth > 0")
+    # at the operating point set above (0.99) a two-class model is rarely that sure: "none of these"
+    abstained = page.locator("#try-results .try-abstained").count()
+    # where the model looked: the heatmap over the image
+    page.locator("#try-explain").check()
+    drop_files(page, "#try-drop", [(img.name, img.read_bytes(), "image/jpeg")])
+    page.wait_for_selector("#try-results .try-heat", timeout=60_000)
+    assert page.locator("#try-results .try-heat").evaluate("i => i.complete && i.naturalWidth > 0")
+    assert page.locator("#try-results .try-abstained").count() == abstained  # the same answer, explained
     page.locator("#try-it").scroll_into_view_if_needed()
     shot(s, "06-try-it-prediction")
     check_page(s)

@@ -33,12 +33,14 @@ def test_exports_load_and_agree_with_pytorch(trained):
     pre = Preprocessing.from_dict(meta["preprocessing"])
     x = check_images(res.val_files, pre)
     assert x.shape == (6, 3, 64, 64)
+    temperature = meta["trust"]["temperature"]  # the run's calibration: exports give calibrated probabilities
     with torch.inference_mode():
-        ref = model(x).softmax(1)
+        ref = (model(x) / temperature).softmax(1)
 
     card = json.loads((out / "model_card.json").read_text())
     assert card["classes"] == ["ants", "bees"] and card["preprocessing"]["image_size"] == 64
     assert card["preprocessing"]["mean"] == list(pre.mean) and card["metrics"]["val_acc"] == res.val_acc
+    assert card["temperature"] == pytest.approx(temperature)
 
     extra = {"model_card.json": ""}
     ts = torch.jit.load(str(out / "model.torchscript.pt"), _extra_files=extra)

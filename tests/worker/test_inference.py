@@ -2,6 +2,7 @@
 inference service (`graft inference`) in their own processes."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -130,6 +131,35 @@ def test_predict_through_the_api_matches_the_model_and_isolates_bad_images(serve
         assert api["top"][0]["probability"] == pytest.approx(mine["top"][0]["probability"], abs=1e-5)
     # a second call is served by the cached model
     assert client.post(f"/api/v1/jobs/{jid}/predict", files=payload[:1]).status_code == 200
+
+
+def test_calibration_abstention_and_heatmaps_through_the_api(served):
+    """The worker's run fitted a temperature and an operating point; predictions say when they abstain, the
+    operating point an editor sets is the one they use, and explain=true adds a heatmap at the image's size."""
+    stack, client, jid, data = served
+    ev = client.get(f"/api/v1/jobs/{jid}/evaluation").json()
+    cal, ab = ev["calibration"], ev["abstain"]
+    assert 0.05 <= cal["temperature"] <= 20 and 0 <= cal["ece_after"] <= 1 and ab["curve"] and ev["ood"]
+    png = client.get(ev["reliability_png"])
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    imgs = sorted((data / "val").glob("*/*.jpg"))[:2]
+    payload = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in imgs]
+    res = client.post(f"/api/v1/jobs/{jid}/predict", params={"explain": "true"}, files=payload).json()["results"]
+    for r, p in zip(res, imgs):
+        assert isinstance(r["abstained"], bool) and r["ood_score"] is not None
+        heat = Image.open(io.BytesIO(base64.b64decode(r["heatmap_png"])))
+        assert heat.size == Image.open(p).size and heat.mode == "L"
+    assert all("heatmap_png" not in r for r in client.post(f"/api/v1/jobs/{jid}/predict", files=payload).json()["results"])
+    try:
+        # at 1.0 every answer abstains (no calibrated probability reaches 1); at 0 only the OOD check could
+        assert client.put(f"/api/v1/jobs/{jid}/operating-point", json={"confidence_threshold": 1.0}).status_code == 200
+        res = client.post(f"/api/v1/jobs/{jid}/predict", files=payload).json()["results"]
+        assert all(r["abstained"] and r["abstain_reason"] for r in res), res
+        assert client.put(f"/api/v1/jobs/{jid}/operating-point", json={"confidence_threshold": 0.0}).status_code == 200
+        res = client.post(f"/api/v1/jobs/{jid}/predict", files=payload).json()["results"]
+        assert all(r["abstained"] == (r.get("abstain_reason") == "unlike the training images") for r in res), res
+    finally:
+        client.put(f"/api/v1/jobs/{jid}/operating-point", json={"confidence_threshold": ab["threshold"]})
 
 
 def test_predict_errors_are_clear(served):

@@ -123,7 +123,8 @@ def test_upload_train_poll_download_predict(stack: Stack, tiny_slice: Path, tmp_
         # artifacts: rows whose size and checksum match the files on disk
         with stack.sessions() as s:
             arts = {a.kind: a for a in s.scalars(select(Artifact).where(Artifact.job_id == jid))}
-        assert set(arts) == {"model", "metrics", "model_card", "confusion_matrix", "torchscript", "onnx"}, arts
+        assert set(arts) == {"model", "metrics", "model_card", "confusion_matrix", "reliability", "torchscript",
+                             "onnx"}, arts
         for a in arts.values():
             path = stack.settings.data_dir / a.path
             assert path.is_file(), path

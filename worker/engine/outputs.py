@@ -36,16 +36,17 @@ def effective_parameters(spec: RunSpec, max_epochs: int, pre: Preprocessing, wei
 
 
 def write_outputs(out: Path, model: GraftNet, pre: Preprocessing, spec: dict[str, Any], weights: str,
-                  result: RunResult, history: list[EpochMetric], cb: Callbacks) -> Path:
+                  result: RunResult, history: list[EpochMetric], cb: Callbacks, trust: dict[str, Any] | None = None
+                  ) -> Path:
     """Write the run's files under `out` from `result` (its figures and report set) and the model as it is
     (the best epoch's weights loaded); say so to `cb`. Returns the model file's path."""
     report = result.report or {}
     hist = [h.to_dict() for h in history]
     metrics = {"val_acc": result.val_acc, "val_loss": result.val_loss, "best_epoch": result.best_epoch,
                "epochs_run": result.epochs_run, "max_epochs": result.max_epochs, "effective": result.effective,
-               "report": report, "history": hist}
+               "report": report, "history": hist, "trust": result.trust}
     model_path = out / "model.pt"
-    save_model_file(model_path, model, result.classes, pre, spec, metrics, weights)
+    save_model_file(model_path, model, result.classes, pre, spec, metrics, weights, trust)
     cb.on_checkpoint(model_path, "model")
     try:
         confusion_png(report["confusion_matrix"], result.classes, out / "confusion_matrix.png")

@@ -29,6 +29,7 @@ class RunResult:
     max_epochs: int | None = None  # the most epochs it could have trained (early stopping ends it before)
     effective: dict[str, Any] = field(default_factory=dict)  # the parameters as applied (RunSummary.effective)
     search: SearchReport | None = None  # what spec.search tried and chose (stored as the summary's `search`)
+    trust: dict[str, Any] | None = None  # calibration, abstain, ood (engine.trust.fit_trust's report)
 
     def summary(self) -> RunSummary:
         """The run's figures, typed (a job's stored result adds the report and the exports)."""
@@ -50,4 +51,5 @@ class RunResult:
             "skipped": self.skipped,
             "warnings": self.warnings,
             **({"search": self.search.model_dump(mode="json")} if self.search is not None else {}),
+            "trust": self.trust,
         })

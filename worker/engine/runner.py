@@ -1,12 +1,11 @@
 """run(spec, data_dir, out_dir, callbacks) -> RunResult: one training run, start to finish.
 
-Frozen-backbone phases train the head on backbone features computed once (train images in
-`feature_views` augmented views, val images once), optionally cached on disk across runs.
-Phases that unfreeze layers train on images from an in-memory store of decoded, resized images.
-Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, RNG, history) from which
-`resume=True` continues; the best epoch (lowest val loss) is what the model file keeps.
-With `spec.search` the parameters are searched first (search.py) and the run trains with what it chose.
-"""
+Frozen-backbone phases train the head on backbone features computed once (train images in `feature_views`
+augmented views, val images once), optionally cached on disk across runs. Phases that unfreeze layers train on
+images from an in-memory store of decoded, resized images. Every epoch ends with an atomic checkpoint (model,
+optimizer, scheduler, RNG, history) from which `resume=True` continues; the best epoch (lowest val loss) is what
+the model file keeps, with its calibration and abstention (run_trust.py). With `spec.search` the parameters are
+searched first (search.py) and the run trains with what it chose."""
 from __future__ import annotations
 
 import math
@@ -44,6 +43,7 @@ from .outputs import effective_parameters, write_metrics, write_outputs
 from .progress import Progress as _Progress
 from .progress import epoch_estimate, eta_after_epoch, eta_after_features, expected_epochs
 from .result import RunResult
+from .run_trust import fit_run_trust
 from .schedules import phase_scheduler
 from .search import tune
 
@@ -465,8 +465,8 @@ class Runner:
         seconds = elapsed_before + time.perf_counter() - t0
         result = RunResult(status, self.classes, epochs_run=len(history), seconds=seconds,
                            train_images_per_s=train_seen / max(seconds, 1e-9), history=history,
-                           warnings=self.split.warnings, skipped=self.skipped,
-                           device=str(self.device), counts=self.split.counts(), max_epochs=self.total_epochs,
+                           warnings=self.split.warnings, skipped=self.skipped, device=str(self.device),
+                           counts=self.split.counts(), max_epochs=self.total_epochs,
                            effective=effective_parameters(self.spec, self.total_epochs, self.pre, self.weighting,
                                                           self.search, self.phases), search=self.search)
         if status == "stopped" or best.state is None:
@@ -478,10 +478,12 @@ class Runner:
         logits = self.predict_val(use_feats, global_epoch, progress)
         files = [self.split.rel(self.items[i][0]) for i in self.val_idx]
         result.val_files = [str(self.items[i][0]) for i in self.val_idx]
-        report = evaluation(logits.softmax(1).numpy(), self.val_labels, files, self.classes)
+        trust, probs = fit_run_trust(self, logits, use_feats, out, result)  # calibrated probabilities
+        report = evaluation(probs.numpy(), self.val_labels, files, self.classes)
         result.val_acc, result.val_loss, result.best_epoch = report["accuracy"], best.val_loss, best.epoch
         result.report = report
-        write_outputs(out, self.model, self.pre, self.spec.model_dump(), self.weights, result, history, self.cb)
+        write_outputs(out, self.model, self.pre, self.spec.model_dump(), self.weights, result, history, self.cb,
+                      trust)
         result.seconds = elapsed_before + time.perf_counter() - t0
         write_metrics(out, result, history)
         return result

@@ -19,7 +19,7 @@ from app.api.schemas import EpochMetricOut, EvaluationOut, JobCreate, JobOut, Mi
 from app.core.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from app.core.settings import Settings
 from app.db.models import FINAL_STATUSES, MAX_ID, EpochMetric, Job, JobEvent, JobKind, JobStatus
-from app.services import access, storage
+from app.services import access, operating_point, storage
 from app.services import jobs as service
 from domain.exports import EXPORT_FORMATS, ExportName
 from domain.results import RunSummary
@@ -172,15 +172,32 @@ def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> Evalu
         raise NotFound(f"job {job_id} has no evaluation: it is {job.status}; evaluations come with success")
     mistakes = [MistakeOut(**m.to_json(), image_url=f"/api/v1/jobs/{job_id}/mistakes/{i}.jpg")
                 for i, m in enumerate(report.mistakes)]
+    trust = (summary.trust if summary is not None else None) or {}
+    extra = {k: trust[k] for k in ("calibration", "abstain", "ood") if trust.get(k) is not None}
+    op = trust.get("operating_point")
+    if isinstance(op, dict) and "abstain" in extra:  # an editor moved it (PUT .../operating-point)
+        extra["abstain"] = {**extra["abstain"], **{k: op.get(k) for k in ("threshold", "coverage",
+                                                                          "accuracy_when_answered")},
+                            "default_threshold": extra["abstain"].get("threshold"), "operating_point": op}
+    if trust.get("calibration") and service.has_artifact(session, job_id, "reliability"):
+        extra["reliability_png"] = f"/api/v1/jobs/{job_id}/reliability.png"
     return EvaluationOut(**{k: v for k, v in report.to_json().items() if k != "mistakes"}, job_id=job_id,
                          mistakes=mistakes, confusion_matrix_png=f"/api/v1/jobs/{job_id}/confusion_matrix.png",
-                         exports=summary.exports if summary is not None else [])
+                         exports=summary.exports if summary is not None else [], **extra)
 
 
 @router.get("/{job_id}/confusion_matrix.png", response_class=FileResponse,
             responses={200: {"content": {"image/png": {}}}, **errors(404)})
 def confusion_matrix_png(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
     art = service.artifact(session, user, job_id, "confusion_matrix")
+    return _send(settings, art, "image/png")
+
+
+@router.get("/{job_id}/reliability.png", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}}, **errors(404)})
+def reliability_png(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
+    """The reliability diagram of the job's val set: confidence against accuracy, before and after calibration."""
+    art = service.artifact(session, user, job_id, "reliability")
     return _send(settings, art, "image/png")
 
 
@@ -202,9 +219,12 @@ def mistake_image(job_id: int, n: int, session: SessionDep, settings: SettingsDe
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "top_k": {"type": "integer", "default": 3}}}}}}})
-async def predict(job_id: int, request: Request, session: SessionDep, settings: SettingsDep, user: CurrentUser):
+async def predict(job_id: int, request: Request, session: SessionDep, settings: SettingsDep, user: CurrentUser,
+                  explain: bool = False):
     """Classify one or more images (multipart field `files`, repeated) with the job's model: per image the
-    top-k classes with probabilities, or an error for that image alone."""
+    top-k classes with calibrated probabilities, `abstained` and `ood_score` (models trained with trust data),
+    or an error for that image alone. `?explain=true` adds `heatmap_png` to each result: where the model looked
+    (Grad-CAM), a base64 grayscale PNG at the image's width and height."""
     art = service.artifact(session, user, job_id, "model")
     _artifact_file(settings, art)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -221,6 +241,10 @@ async def predict(job_id: int, request: Request, session: SessionDep, settings: 
                    for i, f in enumerate(files)]
     finally:
         await form.close()
+    form_data = {"model": art.path, "top_k": str(top_k), "explain": "true" if explain else ""}
+    threshold = operating_point.confidence_threshold(service.get_owned(session, user, job_id))
+    if threshold is not None:  # the operating point an editor chose (else the model file's default)
+        form_data["confidence_threshold"] = str(threshold)
     if not settings.inference_url:
         raise ServiceUnavailable("no inference service is configured: run `graft inference` and set "
                                  "GRAFT_INFERENCE_URL (graft serve does both)")
@@ -228,7 +252,7 @@ async def predict(job_id: int, request: Request, session: SessionDep, settings: 
 
     try:
         async with httpx.AsyncClient(base_url=settings.inference_url, timeout=300) as client:
-            r = await client.post("/predict", data={"model": art.path, "top_k": str(top_k)}, files=payload)
+            r = await client.post("/predict", data=form_data, files=payload)
     except httpx.HTTPError as e:
         raise ServiceUnavailable(f"the inference service at {settings.inference_url} cannot be reached "
                                  f"({type(e).__name__}): start it with `graft inference`") from None

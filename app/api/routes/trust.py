@@ -1,0 +1,36 @@
+"""A job's operating point: the calibrated confidence below which its predictions abstain."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import CurrentUser, SessionDep, SettingsDep
+from app.api.schemas import errors
+from app.services import operating_point as service
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=errors(401, 422))
+
+
+class OperatingPointIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    confidence_threshold: float = Field(ge=0, le=1, description="Predictions whose calibrated top probability is "
+                                                                "below this abstain (0: always answer).")
+
+
+class OperatingPointOut(BaseModel):
+    threshold: float
+    coverage: float | None = Field(None, description="Share of the val images answered at this threshold.")
+    accuracy_when_answered: float | None = None
+    default_threshold: float | None = Field(None, description="The threshold training chose.")
+    set_by: str | None = None
+    set_at: str | None = None
+
+
+@router.put("/{job_id}/operating-point", response_model=OperatingPointOut, responses=errors(400, 403, 404, 409))
+def put_operating_point(job_id: int, body: OperatingPointIn, session: SessionDep, settings: SettingsDep,
+                        user: CurrentUser) -> Any:
+    """Move the job's operating point along its val coverage-accuracy curve (GET .../evaluation, `abstain.curve`):
+    used by every prediction through the API from now on and written into the model card (editors)."""
+    return service.set_point(session, settings, user, job_id, body.confidence_threshold)

@@ -129,7 +129,8 @@ def main() -> None:
     data = work / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
     env.update(GRAFT_DATA_DIR=str(data), GRAFT_OFFLINE="1", GRAFT_MAX_UPLOAD_BYTES=str(max(total * 2, 2 << 30)),
-               GRAFT_MAX_EXTRACTED_BYTES=str(total * 2), GRAFT_MAX_USER_UPLOAD_BYTES=str(total * 2))
+               GRAFT_MAX_EXTRACTED_BYTES=str(total * 2), GRAFT_MAX_USER_UPLOAD_BYTES=str(total * 2),
+               GRAFT_MAX_ZIP_ENTRIES=str(max(200_000, 2 * args.images)))
     subprocess.run([str(GRAFT), "migrate"], env=env, check=True, capture_output=True)
     token = subprocess.run([str(GRAFT), "token", "create", "--name", "bench"], env=env, check=True,
                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -155,7 +156,8 @@ def main() -> None:
         finally:
             watch.stop.set()
             watch.join()
-        r.raise_for_status()
+        if r.status_code != 201:
+            raise SystemExit(f"POST /api/v1/datasets answered {r.status_code}: {r.text[:2000]}")
         ds = r.json()
         t_ds = time.perf_counter()
         browser = httpx.Client(base_url=base, timeout=600)

@@ -56,3 +56,40 @@
     }
   });
 })();
+
+/* Job page, mistakes gallery: where the model looked for its (wrong) answer, from the inference service
+   (POST /api/v1/jobs/{id}/predict?explain=true on the gallery's thumbnails), as an overlay on each image. */
+(() => {
+  const btn = document.getElementById("mistakes-explain");
+  if (!btn) return;
+  const page = JSON.parse(document.getElementById("job-data").textContent);
+  const jobId = page.id;
+  const err = document.getElementById("mistakes-explain-error");
+  btn.addEventListener("click", async () => {
+    btn.disabled = true;
+    Graft.hide(err);
+    const imgs = [...document.querySelectorAll("#mistakes-gallery img")].slice(0, page.max_predict_images || 64);
+    try {
+      const form = new FormData();
+      for (const [i, img] of imgs.entries()) {
+        const r = await fetch(img.src, { credentials: "same-origin" });
+        if (!r.ok) throw new Error(`image ${i + 1} could not be read (status ${r.status})`);
+        form.append("files", await r.blob(), `mistake${i}.jpg`);
+      }
+      form.append("top_k", "1");
+      const body = await Graft.api("POST", `/api/v1/jobs/${jobId}/predict?explain=true`, form);
+      body.results.forEach((res, i) => {
+        if (!res.heatmap_png || !imgs[i]) return;
+        const heat = document.createElement("img");
+        heat.className = "try-heat";
+        heat.alt = "Where the model looked";
+        heat.src = `data:image/png;base64,${res.heatmap_png}`;
+        imgs[i].parentElement.appendChild(heat);
+      });
+      btn.textContent = "Heatmaps shown";
+    } catch (e) {
+      Graft.show(err, e.message);
+      btn.disabled = false;
+    }
+  });
+})();

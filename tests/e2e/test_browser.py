@@ -404,6 +404,12 @@ def test_05_evaluation_and_downloads(browser_session):
     if page.locator("#mistakes-gallery li").count():
         page.locator("#mistakes").scroll_into_view_if_needed()
         page.wait_for_function("() => [...document.querySelectorAll('#mistakes-gallery img')].every(i => i.complete && i.naturalWidth > 0)")
+        # where the model looked, over each mistake
+        n = page.locator("#mistakes-gallery li").count()
+        page.locator("#mistakes-explain").click()
+        page.wait_for_function(f"() => document.querySelectorAll('#mistakes-gallery .try-heat').length === {n}",
+                               timeout=60_000)
+        assert page.locator("#mistakes-gallery .try-heat").first.evaluate("i => i.complete && i.naturalWidth > 0")
     else:
         assert "No mistakes" in mistakes.inner_text()
     assert page.locator("#loss-chart").bounding_box()["height"] > 100

@@ -5,6 +5,7 @@ with its fix, in one error, and leaves no files and no rows behind."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import uuid
 import zipfile
@@ -191,6 +192,22 @@ def delete(session: Session, settings: Settings, user: User, dataset_id: int) ->
 
 
 
+def _usage(folder: Path) -> tuple[int, int]:
+    """(entries, bytes of the files) under `folder`, counted as the walk goes: a listing of a 200,000-image
+    dataset held at once cost the web process about 100 MB."""
+    entries = size = 0
+    stack = [str(folder)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                entries += 1
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    size += e.stat(follow_symlinks=False).st_size
+    return entries, size
+
+
 def create_from_uploads(session: Session, settings: Settings, user: User, name: str, upload_ids: list[str],
                         workspace_id: int | None = None) -> Dataset:
     """Finished resumable uploads (app.services.uploads), each a zip or tar of part of the dataset, extracted
@@ -208,10 +225,9 @@ def create_from_uploads(session: Session, settings: Settings, user: User, name: 
     folder = new_folder(settings)
     try:
         for i, (uid, part) in enumerate(zip(upload_ids, parts), 1):
-            done = list(folder.rglob("*"))  # what the parts before took of the limits
-            used = sum(p.stat().st_size for p in done if p.is_file())
+            entries, used = _usage(folder)  # what the parts before took of the limits
             left = settings.model_copy(update={"max_extracted_bytes": max(1, settings.max_extracted_bytes - used),
-                                               "max_zip_entries": max(1, settings.max_zip_entries - len(done))})
+                                               "max_zip_entries": max(1, settings.max_zip_entries - entries)})
             try:
                 extract_part(part, folder, left)
             except AppError as e:

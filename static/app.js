@@ -120,5 +120,42 @@ const Graft = (() => {
     if (bar) bar.setAttribute("aria-valuenow", String(Math.round(100 * p)));
   }
 
-  return { csrf, api, errorMessage, show, hide, duration, pct, bytes, localTimes, stages, stageText, follow, setBar };
+  /* A job's own page (a probe, a label-issue search): `live` follows its progress box (#job-progress, #stage-text,
+     #percent-text, #eta-text, #status-badge) and messages (#messages) and reloads the page when it ends; the
+     #cancel-btn asks for it to stop. */
+  function watchJobPage(id, live) {
+    const $ = (x) => document.getElementById(x);
+    if (live) {
+      const box = $("job-progress");
+      const list = $("messages");
+      follow(id, (s) => {
+        setBar(box, s);
+        $("stage-text").textContent = stageText(s);
+        $("percent-text").textContent = `${Math.round(100 * Math.max(0, Math.min(1, s.progress || 0)))}%`;
+        $("eta-text").textContent = s.status === "running" && s.eta_seconds ? `about ${duration(s.eta_seconds)} left` : "";
+        const badge = document.querySelector("#status-badge .badge");
+        if (badge && s.status) { badge.className = `badge badge-${s.status}`; badge.textContent = s.status; }
+      }, (msg) => {
+        const li = document.createElement("li");
+        li.textContent = msg;
+        list.appendChild(li);
+      }, () => setTimeout(() => window.location.reload(), 400));
+    }
+    const cancel = $("cancel-btn");
+    if (cancel) {
+      cancel.addEventListener("click", async () => {
+        cancel.disabled = true;
+        try {
+          await api("POST", `/api/v1/jobs/${id}/cancel`);
+          cancel.textContent = "Stopping…";
+        } catch (e) {
+          show($("action-error"), e.message);
+          cancel.disabled = false;
+        }
+      });
+    }
+  }
+
+  return { csrf, api, errorMessage, show, hide, duration, pct, bytes, localTimes, stages, stageText, follow, setBar,
+           watchJobPage };
 })();

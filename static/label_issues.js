@@ -32,33 +32,7 @@
 
   /* ---------------------------------------------------------------- a running search */
   if (data.job_id && !data.final) {
-    const box = $("job-progress");
-    const list = $("messages");
-    Graft.follow(data.job_id, (s) => {
-      Graft.setBar(box, s);
-      $("stage-text").textContent = Graft.stageText(s);
-      $("percent-text").textContent = `${Math.round(100 * Math.max(0, Math.min(1, s.progress || 0)))}%`;
-      $("eta-text").textContent = s.status === "running" && s.eta_seconds ? `about ${Graft.duration(s.eta_seconds)} left` : "";
-      const badge = document.querySelector("#status-badge .badge");
-      if (badge && s.status) { badge.className = `badge badge-${s.status}`; badge.textContent = s.status; }
-    }, (msg) => {
-      const li = document.createElement("li");
-      li.textContent = msg;
-      list.appendChild(li);
-    }, () => setTimeout(() => window.location.reload(), 400));
-    const cancel = $("cancel-btn");
-    if (cancel) {
-      cancel.addEventListener("click", async () => {
-        cancel.disabled = true;
-        try {
-          await Graft.api("POST", `/api/v1/jobs/${data.job_id}/cancel`);
-          cancel.textContent = "Stopping…";
-        } catch (e) {
-          Graft.show($("action-error"), e.message);
-          cancel.disabled = false;
-        }
-      });
-    }
+    Graft.watchJobPage(data.job_id, true);
   }
 
   /* ---------------------------------------------------------------- the review */

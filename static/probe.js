@@ -49,35 +49,7 @@
   const dataEl = $("probe-job-data");
   if (dataEl) {
     const data = JSON.parse(dataEl.textContent);
-    const box = $("job-progress");
-    const list = $("messages");
-    if (!data.final) {
-      follow(data.id, (s) => {
-        setBar(box, s);
-        $("stage-text").textContent = stageText(s);
-        $("percent-text").textContent = `${Math.round(100 * Math.max(0, Math.min(1, s.progress || 0)))}%`;
-        $("eta-text").textContent = s.status === "running" && s.eta_seconds ? `about ${Graft.duration(s.eta_seconds)} left` : "";
-        const badge = document.querySelector("#status-badge .badge");
-        if (badge && s.status) { badge.className = `badge badge-${s.status}`; badge.textContent = s.status; }
-      }, (msg) => {
-        const li = document.createElement("li");
-        li.textContent = msg;
-        list.appendChild(li);
-      }, () => setTimeout(() => window.location.reload(), 400));
-    }
-    const cancel = $("cancel-btn");
-    if (cancel) {
-      cancel.addEventListener("click", async () => {
-        cancel.disabled = true;
-        try {
-          await Graft.api("POST", `/api/v1/jobs/${data.id}/cancel`);
-          cancel.textContent = "Stopping…";
-        } catch (e) {
-          Graft.show($("action-error"), e.message);
-          cancel.disabled = false;
-        }
-      });
-    }
+    Graft.watchJobPage(data.id, !data.final);
     const del = $("delete-job");
     if (del) {
       del.addEventListener("click", async () => {

@@ -24,6 +24,12 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _fail_options(e: Any) -> None:
+    """A spec's validation error (pydantic) said as the command-line options it came from."""
+    _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
+                    for err in e.errors()))
+
+
 def default_cache_dir() -> Path:
     """The same cache as the server's (domain.paths): $GRAFT_CACHE_DIR, else <$GRAFT_DATA_DIR or graft-data>/cache."""
     from domain.paths import default_cache_dir as shared_default
@@ -94,8 +100,7 @@ def train(
                        val_fraction=val_fraction, max_train_images=max_train_images,
                        devices=devices, search={"trials": search, "timeout_s": search_timeout} if search else None)
     except ValidationError as e:
-        _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
-                        for err in e.errors()))
+        _fail_options(e)
     if search_timeout is not None and not search:
         _fail("--search-timeout: give --search TRIALS too")
     out = out or Path("runs") / f"{backbone}-{strategy.replace(':', '')}-{dt.datetime.now():%Y%m%d-%H%M%S}"
@@ -144,8 +149,7 @@ def probe(
         spec = ProbeSpec(backbones=[b for b in backbones.split(",")] if backbones else None, advise=advise,
                          random_init=random_init, image_size=image_size, seed=seed)
     except ValidationError as e:
-        _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
-                        for err in e.errors()))
+        _fail_options(e)
     from cli.progress import RichCallbacks
     from worker.engine.probe import probe as run_probe
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli.engine import _fail, default_cache_dir
+from cli.engine import _fail, _fail_options, default_cache_dir
 
 
 def _default(name: str):
@@ -54,8 +54,7 @@ def label_issues(
                               folds=folds, rank_by=rank_by, duplicate_threshold=duplicate_threshold,
                               max_issues=max_issues, val_fraction=val_fraction, seed=seed)
     except ValidationError as e:
-        _fail("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg']}"
-                        for err in e.errors()))
+        _fail_options(e)
     from cli.progress import RichCallbacks
     from worker.engine.labels import find_label_issues
 

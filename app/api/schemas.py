@@ -97,6 +97,20 @@ class JobCreate(RunSpec):
     workspace_id: int | None = Field(None, description="Must be the dataset's workspace (the default).")
 
 
+class JobBrief(BaseModel):
+    """A job in a few fields: what a dataset's probe or label-issue search shows of the job behind it."""
+
+    id: int
+    status: str
+    progress: float
+    stage: str | None
+    eta_seconds: float | None
+    error: str | None
+    spec: dict[str, Any]
+    created_at: UTCDatetime
+    finished_at: UTCDatetime | None
+
+
 class JobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
-from app.api.schemas import JobOut, UTCDatetime, errors
+from app.api.schemas import JobBrief, JobOut, errors
 from app.core.errors import NotFound
 from app.services import label_issues as service
 from app.services import thumbs
@@ -18,16 +18,8 @@ router = APIRouter(prefix="/api/v1", tags=["label issues"], responses=errors(401
 JPEG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/jpeg": {}}}}
 
 
-class LabelIssueJobOut(BaseModel):
-    id: int
-    status: str
-    progress: float
-    stage: str | None
-    eta_seconds: float | None
-    error: str | None
-    spec: dict[str, Any]
-    created_at: UTCDatetime
-    finished_at: UTCDatetime | None
+class LabelIssueJobOut(JobBrief):
+    """The newest search for wrong labels."""
 
 
 class LabelIssueOut(LabelIssue):

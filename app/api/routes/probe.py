@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
-from app.api.schemas import JobOut, UTCDatetime, errors
+from app.api.schemas import JobBrief, JobOut, errors
 from app.core.errors import NotFound
 from app.services import datasets as dataset_service
 from app.services import probe as service
@@ -29,16 +29,8 @@ class AdviceOut(BaseModel):
     hint: str | None
 
 
-class ProbeJobOut(BaseModel):
-    id: int
-    status: str
-    progress: float
-    stage: str | None
-    eta_seconds: float | None
-    error: str | None
-    spec: dict[str, Any]
-    created_at: UTCDatetime
-    finished_at: UTCDatetime | None
+class ProbeJobOut(JobBrief):
+    """The newest backbone comparison."""
 
 
 class ProbeOut(BaseModel):

@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# the tests run on this many processes (pytest-xdist), one test module per process at a time
+TEST_PROCS ?= 2
 
 .PHONY: setup chromium test run bench clean
 
@@ -29,7 +31,7 @@ test: setup chromium
 	@test -d tests/support/oidc/node_modules/oidc-provider || { command -v npm >/dev/null && \
 	  (cd tests/support/oidc && npm ci --no-audit --no-fund >/dev/null); } || \
 	  echo "warning: npm is missing or failed: the single sign-on tests will not run"
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_PROCS) --dist loadfile
 
 run: setup
 	$(BIN)/graft serve --host $(HOST) --port $(PORT)

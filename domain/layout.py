@@ -11,11 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
+from .manifest import MANIFEST, find_manifest, read_manifest, split_rows
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 JUNK_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", ".ipynb_checkpoints", "desktop.ini"}
 TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("val", "valid", "validation", "test", "testing")
+# a folder of images that belong to no class, next to train/ and val/ (or, in the class-folders-only layout,
+# `_junk/` beside the class folders): never trained on; it measures how often the model answers on an image it
+# should abstain on (the false-accept rate of its "none of these")
+NO_CLASS_NAMES = ("_junk", "junk")
+MAX_NO_CLASS = 2000  # no-class images measured at most (a seeded sample of a bigger folder)
 
 
 @dataclass
@@ -28,11 +34,26 @@ class DataSplit:
     train: list[tuple[Path, int]]
     val: list[tuple[Path, int]]
     warnings: list[str] = field(default_factory=list)
+    junk: list[Path] = field(default_factory=list)  # images of no class (NO_CLASS_NAMES), never trained on
+    # "multilabel" (a labels.csv manifest, domain.manifest): an item's label is an index into `label_sets`,
+    # the tuple of class indexes the image carries (maybe none)
+    task: str = "multiclass"
+    label_sets: list[tuple[int, ...]] = field(default_factory=list)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class of each split (multi-label: images that carry each label)."""
         out = {}
         for split, items in (("train", self.train), ("val", self.val)):
             c = Counter(lbl for _, lbl in items)
+            if self.multilabel:
+                per: Counter[int] = Counter()
+                for s, n in c.items():
+                    per.update({k: n for k in self.label_sets[s]})
+                c = per
             out[split] = {name: c.get(i, 0) for i, name in enumerate(self.classes)}
         return out
 
@@ -101,8 +122,18 @@ def _class_dirs(d: Path) -> list[Path]:
     return [p for p in _visible(d) if p.is_dir()]
 
 
-def _collect(split_dir: Path, ignored: list[Path], follow_links: bool = False) -> dict[str, list[Path]]:
-    return {c.name: _images_in(c, ignored, follow_links) for c in _class_dirs(split_dir)}
+def _collect(split_dir: Path, ignored: list[Path], follow_links: bool = False,
+             skip: Path | None = None) -> dict[str, list[Path]]:
+    return {c.name: _images_in(c, ignored, follow_links) for c in _class_dirs(split_dir) if c != skip}
+
+
+def _no_class_dir(names: dict[str, Path], split_layout: bool) -> Path | None:
+    """The folder of images of no class: `_junk/` in any layout, `junk/` too beside train/ (where it cannot be
+    a class); in the class-folders-only layout a `junk/` folder stays a class."""
+    for n in NO_CLASS_NAMES if split_layout else NO_CLASS_NAMES[:1]:
+        if n in names:
+            return names[n]
+    return None
 
 
 def stratified_split(per_class: dict[str, list[Path]], fraction: float, seed: int
@@ -131,6 +162,8 @@ class Folders:
     val: dict[str, list[Path]] | None  # of the first val folder; None without one
     loose: list[Path]  # images outside class folders, at the root of a class-folders-only layout
     ignored: list[Path]  # non-image files inside class folders
+    junk_dir: Path | None = None  # the folder of images of no class (NO_CLASS_NAMES), if any
+    junk: list[Path] = field(default_factory=list)  # its images
 
 
 def read_folders(data_dir: str | Path, follow_links: bool = False) -> Folders:
@@ -146,14 +179,16 @@ def read_folders(data_dir: str | Path, follow_links: bool = False) -> Folders:
     train_pc: dict[str, list[Path]] = {}
     val_pc = None
     loose: list[Path] = []
+    junk_dir = _no_class_dir(names, train_dir is not None or bool(val_dirs))
     if train_dir is not None:
         train_pc = _collect(train_dir, ignored, follow_links)
         if val_dirs:
             val_pc = _collect(val_dirs[0], ignored, follow_links)
     elif not val_dirs:
-        train_pc = _collect(root, ignored, follow_links)
+        train_pc = _collect(root, ignored, follow_links, skip=junk_dir)
         loose = [p for p in _visible(root) if p.is_file() and _is_image(p)]
-    return Folders(root, notes, train_dir, val_dirs, train_pc, val_pc, loose, ignored)
+    junk = _images_in(junk_dir, ignored, follow_links) if junk_dir is not None else []
+    return Folders(root, notes, train_dir, val_dirs, train_pc, val_pc, loose, ignored, junk_dir, junk)
 
 
 def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0,
@@ -161,6 +196,9 @@ def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0,
     """Read a dataset folder: `train/<class>` + `val/<class>`, `train/<class>` only, or `<class>/` only
     (the last two get a stratified, seeded val split), optionally inside one wrapping folder. Symbolic links
     to image files are followed unless `follow_links` is off (the web tier's checks of uploads)."""
+    manifest = find_manifest(data_dir)
+    if manifest is not None:
+        return discover_manifest(manifest, val_fraction, seed)
     f = read_folders(data_dir, follow_links)
     root, warnings, ignored = f.root, list(f.notes), f.ignored
     train_dir, val_dirs = f.train_dir, f.val_dirs
@@ -221,7 +259,36 @@ def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0,
     val = [(p, idx[c]) for c in classes for p in val_pc.get(c, [])]
     if not val:
         raise DataError("no validation images: add a val/ folder or more images per class")
-    return DataSplit(root, layout, classes, train, val, warnings)
+    junk = f.junk
+    if len(junk) > MAX_NO_CLASS:
+        junk = sorted(random.Random(seed).sample(junk, MAX_NO_CLASS))
+    return DataSplit(root, layout, classes, train, val, warnings, junk)
+
+
+def discover_manifest(path: Path, val_fraction: float = 0.2, seed: int = 0) -> DataSplit:
+    """The multi-label split of a labels.csv manifest; its errors raise one DataError that says them all."""
+    m = read_manifest(path, IMAGE_EXTS)
+    if m.errors:
+        raise DataError("; ".join(p.text for p in m.errors))
+    classes = m.labels
+    idx = {c: i for i, c in enumerate(classes)}
+    sets: dict[tuple[int, ...], int] = {}
+    items = []
+    for rel, labels, _ in m.rows:
+        key = tuple(sorted(idx[lbl] for lbl in labels))
+        items.append((path.parent / rel, sets.setdefault(key, len(sets))))
+    train_i, val_i = split_rows(m.rows, val_fraction, seed)
+    how = "its split column" if all(r[2] for r in m.rows) else f"split {val_fraction:.0%} for val"
+    split = DataSplit(path.parent, f"{MANIFEST} (multi-label, {how})", classes, [items[i] for i in train_i],
+                      [items[i] for i in val_i], [p.text for p in m.warnings], task="multilabel",
+                      label_sets=list(sets))
+    if not split.val:
+        raise DataError(f"no validation images: add rows with split val to {MANIFEST}, or more images")
+    counts = split.counts()
+    missing = [c for c in classes if not counts["val"][c]]
+    if missing:
+        split.warnings.append(f"no val images for label(s) {', '.join(missing)}: their F1 and AP cannot be measured")
+    return split
 
 
 def subsample(items: list[tuple[Path, int]], n: int, seed: int) -> list[tuple[Path, int]]:

@@ -57,10 +57,48 @@ class Mistake(Result):
     true_class_probability: float | None = None
 
 
+class LabelScores(Result):
+    """A multi-label model's figures for one label at its threshold (cross-fitted), with its confusion counts."""
+
+    precision: float
+    recall: float
+    f1: float
+    ap: float | None = Field(None, description="Average precision (null without positives in val).")
+    support: int = Field(description="Val images that carry the label.")
+    threshold: float = Field(description="The label's threshold kept for predictions (tuned for F1 on val).")
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+
+class LabelMistake(Result):
+    """A val image with a missed or a false label (most confident error first)."""
+
+    file: str
+    true: list[str]
+    predicted: list[str]
+    missed: list[str] = Field(description="Labels it carries that the model did not give.")
+    false: list[str] = Field(description="Labels the model gave that it does not carry.")
+    probabilities: dict[str, float] = Field(default_factory=dict)
+    confidence: float = Field(description="The worst error's confidence (a false label's probability, or one "
+                                          "minus a missed label's).")
+
+
 class EvaluationReport(Result):
-    """How good the model is on the val set."""
+    """How good the model is on the val set. Multi-label models (`task` "multilabel") give `metrics`,
+    `per_label`, `thresholds` and `label_mistakes`; their `accuracy` is the subset accuracy."""
 
     accuracy: float
+    task: str = Field("multiclass", description="multiclass | multilabel")
+    metrics: dict[str, float] | None = Field(None, description="Multi-label: micro_f1, macro_f1, mAP, "
+                                                                "subset_accuracy at the tuned thresholds "
+                                                                "(cross-fitted).")
+    metrics_at_half: dict[str, float] | None = Field(None, description="Multi-label: the same at 0.5 for every label.")
+    per_label: dict[str, LabelScores] | None = None
+    thresholds: dict[str, float] | None = Field(None, description="Multi-label: each label's threshold.")
+    thresholds_cross_fitted: bool | None = None
+    label_mistakes: list[LabelMistake] | None = None
     macro_f1: float | None = None
     confusion_matrix: list[list[int]] = Field(default_factory=list,
                                               description="Rows: true class; columns: predicted class.")

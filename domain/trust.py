@@ -117,6 +117,16 @@ def point_at(curve: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any
     return dict(below[-1] if below else curve[0])
 
 
+def false_accept_at(junk: dict[str, Any] | None, threshold: float) -> float | None:
+    """The share of the images of no class the model still answers on at a confidence threshold: those the
+    OOD check did not flag (`accepted_confidences`, their calibrated confidences) at or above it. None when
+    the dataset had no such images."""
+    if not isinstance(junk, dict) or not junk.get("images") or "accepted_confidences" not in junk:
+        return None
+    conf = np.asarray(junk["accepted_confidences"], dtype=np.float64)
+    return float((conf >= threshold - 1e-12).sum()) / float(junk["images"])
+
+
 def abstain(confidence: npt.ArrayLike, ood_score: npt.ArrayLike | None, confidence_threshold: float,
             ood_threshold: float | None) -> BoolArray:
     """Which images are abstained on: unlike the training images (score above the OOD threshold) or not sure

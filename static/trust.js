@@ -32,8 +32,11 @@
     const p = at(t);
     $("threshold-text").textContent = t.toFixed(2);
     if (!p) return;
+    const junk = data.junk;  // images of no class: the share still answered at this threshold
+    const accepted = junk ? junk.accepted.filter((c) => c >= t - 1e-12).length / junk.images : null;
     effect.textContent = `At ${t.toFixed(2)}: answers ${(100 * p.coverage).toFixed(1)}% of the val images, ` +
-      `${(100 * (p.accuracy_when_answered || 0)).toFixed(1)}% of them right.`;
+      `${(100 * (p.accuracy_when_answered || 0)).toFixed(1)}% of them right` +
+      (junk ? `; answers ${(100 * accepted).toFixed(1)}% of the ${junk.images} images of no class.` : ".");
     if (chart) {
       chart.data.datasets[1].data = [{ x: 100 * p.coverage, y: 100 * (p.accuracy_when_answered || 0) }];
       chart.update();

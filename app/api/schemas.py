@@ -202,11 +202,13 @@ class EvaluationOut(EvaluationReport):
                           "returns for this job is calibrated. Absent for jobs trained before it was fitted.")
     abstain: dict[str, Any] | None = Field(
         None, description="The operating point below which predictions abstain: threshold (calibrated "
-                          "confidence), coverage (share of val images answered), accuracy_when_answered, and "
-                          "the coverage-accuracy curve it was chosen on.")
+                          "confidence), coverage (share of val images answered), accuracy_when_answered, the "
+                          "coverage-accuracy curve it was chosen on, and false_accept_rate (share of the dataset's "
+                          "images of no class, its `_junk/` folder, still answered; only when it has one).")
     ood: dict[str, Any] | None = Field(
         None, description="The out-of-distribution check on the frozen features (method, threshold, the share of "
-                          "val images it flags); `junk` is null unless images of no class were given to measure it.")
+                          "val images it flags); `junk` (images, flagged, abstained, false_accept_rate) is null unless the "
+                          "dataset has images of no class (a `_junk/` folder beside train/ and val/) to measure it on.")
     reliability_png: str | None = Field(None, description="The reliability diagram, before and after (GET).")
 
 

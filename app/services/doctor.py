@@ -377,6 +377,22 @@ def _warnings(split: DataSplit, found: Folders, folder: Path, rel, stray: list[s
         n = sum(1 for c in good if _under(c.path, d))
         w.append(Problem(f"ignored {rel(d)}/ ({plural(n, 'image')}): {rel(found.val_dirs[0])}/ is the val split",
                          f"merge it into {rel(found.val_dirs[0])}/ if those images should validate the model"))
+    if found.junk_dir is not None:
+        junk = {str(p) for p in found.junk}
+        n_junk = sum(1 for c in good if c.path in junk)
+        used |= junk
+        w.append(Problem(f"{rel(found.junk_dir)}/: {plural(n_junk, 'image')} of no class, never trained on: they "
+                         "measure how often the model answers where it should say \"none of these\" (its "
+                         "false-accept rate)" if n_junk else f"{rel(found.junk_dir)}/ holds no readable image",
+                         "nothing to fix" if n_junk else "put images that belong to none of the classes in it, "
+                                                          "or leave it out"))
+        train_paths = {str(q) for q, _ in split.train}
+        train_hashes = {c.sha256 for c in good if c.path in train_paths}
+        clash = [c for c in good if c.path in junk and c.sha256 in train_hashes]
+        if clash:
+            w.append(Problem(f"{plural(len(clash), 'image')} of {rel(found.junk_dir)}/ {'is' if len(clash) == 1 else 'are'} "
+                             f"also in train: {examples(rel(c.path) for c in clash)}",
+                             "an image of no class cannot also be a class's: remove it from one of them"))
     unused = [c for c in good if c.path not in used and not any(_under(c.path, d) for d in extra_dirs)]
     if unused:
         w.append(Problem(f"{plural(len(unused), 'image')} outside the class folders "

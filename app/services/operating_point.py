@@ -52,6 +52,7 @@ def set_point(session: Session, settings: Settings, user: User, job_id: int, thr
     at = figures.point_at(curve, threshold)
     point = {"threshold": threshold, "coverage": at.get("coverage"),
              "accuracy_when_answered": at.get("accuracy_when_answered"),
+             "false_accept_rate": figures.false_accept_at((trust.get("ood") or {}).get("junk"), threshold),
              "default_threshold": (trust.get("abstain") or {}).get("threshold"), "set_by": user.name,
              "set_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     job.result = {**(job.result or {}), "trust": {**trust, "operating_point": point}}

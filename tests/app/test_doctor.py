@@ -189,6 +189,35 @@ def test_a_clean_dataset_has_no_warnings(api, jpegs):
     assert stored(api) == {n for n, _ in entries}
 
 
+def test_a_junk_folder_is_kept_as_images_of_no_class(api, jpegs):
+    """`_junk/` (or `junk/` beside train/ and val/) holds images of no class: kept, said, not a class; one that
+    is also a train image is named."""
+    entries = layout(jpegs)
+    entries += [(f"ds/junk/other{i}.png", png(i)) for i in range(3)] + [("ds/junk/same.jpg", entries[0][1])]
+    ds = created(api.zip(entries))
+    assert ds["classes"] == ["ants", "bees"]
+    assert ds["counts"]["train"] == {"ants": 12, "bees": 12}
+    note = warning(ds, "junk/", "never trained on")
+    assert "4 images" in note and "false-accept" in note
+    clash = warning(ds, "also in train")
+    assert "junk/same.jpg" in clash and "remove it from one of them" in clash
+    assert not [w for w in ds["warnings"] if "not used" in w], ds["warnings"]
+    assert {"ds/junk/other0.png", "ds/junk/same.jpg"} <= stored(api)
+
+
+def test_in_class_folders_only_junk_is_a_class_but_underscore_junk_is_not(tmp_path, jpegs):
+    flat = [(f"{c}/{c}{i}.jpg", jpegs[c][i]) for c in ("ants", "bees") for i in range(10)]
+    a = build(tmp_path / "a")
+    ds = created(a.zip(flat + [(f"junk/j{i}.png", png(i)) for i in range(10)]))
+    assert ds["classes"] == ["ants", "bees", "junk"]
+    b = build(tmp_path / "b")
+    ds = created(b.zip(flat + [(f"_junk/j{i}.png", png(i)) for i in range(3)]))
+    assert ds["classes"] == ["ants", "bees"]
+    assert "3 images" in warning(ds, "_junk/", "never trained on")
+    for x in (a, b):
+        engine_for(x.settings.db_url).dispose()
+
+
 # ---------------------------------------------------------------- refusals
 
 

@@ -31,7 +31,10 @@ TRUST = {"calibration": {"temperature": 1.8, "ece_before": 0.21, "ece_after": 0.
                          "bins_after": [{"lo": 0.0, "hi": 1.0, "count": 40, "confidence": 0.72, "accuracy": 0.7}]},
          "abstain": {"threshold": 0.3, "coverage": 31 / 40, "accuracy_when_answered": 0.79, "min_coverage": 0.75,
                      "curve": CURVE},
-         "ood": {"method": "knn_cosine", "k": 10, "threshold": 0.4, "val_flagged": 0.05, "junk": None}}
+         "ood": {"method": "knn_cosine", "k": 10, "threshold": 0.4, "val_flagged": 0.05,
+                 # 10 images of no class: 6 flagged, 4 answered at confidences below
+                 "junk": {"images": 10, "flagged": 0.6, "abstained": 0.7, "false_accept_rate": 0.3,
+                          "accepted_confidences": [0.2, 0.5, 0.7, 0.9]}}}
 
 
 def _site(tmp_path: Path):
@@ -104,8 +107,10 @@ def test_evaluation_operating_point_and_page(tmp_path):
     assert (op["threshold"], op["coverage"], op["accuracy_when_answered"]) == (
         0.65, point["coverage"], point["accuracy_when_answered"])
     assert op["default_threshold"] == 0.3 and op["set_by"] == "alice"
+    assert op["false_accept_rate"] == 0.2  # of the 4 unflagged images of no class, 2 are still answered at 0.65
     ab = c.get(f"/api/v1/jobs/{jid}/evaluation", headers=alice).json()["abstain"]
     assert (ab["threshold"], ab["coverage"], ab["default_threshold"]) == (0.65, point["coverage"], 0.3)
+    assert ab["false_accept_rate"] == 0.2
     with app.state.sessions() as s:
         art = s.query(Artifact).filter_by(job_id=jid, kind="model_card").one()
         data = (settings.data_dir / art.path).read_bytes()
@@ -124,4 +129,5 @@ def test_evaluation_operating_point_and_page(tmp_path):
     assert 'id="trust"' in html and 'id="reliability-png"' in html and "/static/trust.js" in html
     assert 'id="threshold-save"' in html and "1.80" in html and "0.210 → 0.060" in html
     assert "Set by alice" in html
+    assert 'id="trust-false-accept">20.0%' in html and "of 10 images of no class answered" in html
     assert 'id="trust"' not in c.get(f"/jobs/{old}", headers={}).text

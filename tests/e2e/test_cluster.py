@@ -20,12 +20,12 @@ from sqlalchemy.pool import NullPool
 from support.db import PG_ADMIN_URL
 from support.paths import HYMENOPTERA
 from support.procs import free_port
+from support.stack import REDIS_URL
 from support.web import dataset_zip
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 GRAFT = Path(sys.executable).with_name("graft")
-REDIS_URL = "redis://127.0.0.1:6379/13"
 JOB = {"strategy": "full", "epochs": 4, "image_size": 64, "batch_size": 4, "augment": "none"}
 
 

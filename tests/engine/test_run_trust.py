@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from support.paths import SHARED
 from support.recorder import Recorder
 
+from domain import trust as figures
 from domain.spec import RunSpec
 from worker.engine.modelfile import read_model_file
 from worker.engine.predict import Predictor
 from worker.engine.runner import run
+
+SIGN_DIGITS = SHARED / "sign_language_digits"
 
 
 def _check(res, out, rec) -> dict:
@@ -47,10 +52,30 @@ def _check(res, out, rec) -> dict:
 
 
 def test_a_features_run_fits_its_calibration_and_abstention(hymenoptera_slice, tmp_path):
+    """... and measures its false-accept rate on the dataset's `_junk/` folder: hand signs, of neither class."""
+    data = tmp_path / "data"
+    shutil.copytree(hymenoptera_slice, data)
+    (data / "_junk").mkdir()
+    for d in range(6):
+        for f in sorted((SIGN_DIGITS / str(d)).iterdir())[:2]:
+            shutil.copy2(f, data / "_junk" / f"{d}_{f.name}")
     rec, out = Recorder(), tmp_path / "out"
-    res = run(RunSpec(image_size=64, batch_size=8, epochs=15, label_smoothing=0.0), hymenoptera_slice, out, rec,
+    res = run(RunSpec(image_size=64, batch_size=8, epochs=15, label_smoothing=0.0), data, out, rec,
               cache_dir=tmp_path / "cache")
+    assert res.classes == ["ants", "bees"]  # _junk/ is not a class, nor trained on
     trust = _check(res, out, rec)
+    junk, ood = trust["ood"]["junk"], trust["ood"]
+    assert junk is not None and junk["images"] == 12, ood
+    assert "measuring the false-accept rate on 12 images of no class" in rec.messages
+    assert junk["false_accept_rate"] == pytest.approx(1 - junk["abstained"])
+    # hand signs look nothing like the training images: flagged and abstained on more often than the val
+    # images (measured here, at 64 px on 32 train images: a third of them against a tenth of val)
+    assert junk["flagged"] > ood["val_flagged"], ood
+    assert junk["abstained"] >= 2 * (1 - trust["abstain"]["coverage"]), (junk, trust["abstain"]["coverage"])
+    assert len(junk["accepted_confidences"]) == round(12 * (1 - junk["flagged"]))
+    ab = trust["abstain"]
+    assert figures.false_accept_at(junk, ab["threshold"]) == pytest.approx(junk["false_accept_rate"])
+    assert figures.false_accept_at(junk, 1.01) == 0.0  # a threshold above every confidence answers none
     views = RunSpec().feature_views
     assert trust["ood"]["bank_size"] == 32 * views  # 16 train images per class, each in its cached views
     # a confident mistake's stored probability is the calibrated one (logits / T), not the raw softmax

@@ -2,8 +2,19 @@
 descendants (from /proc), and whether a process is still alive (not a zombie)."""
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
+
+
+def redis_test_url(slot: int) -> str:
+    """A Redis database of its own for each pytest-xdist process (`make test` runs two): slot 0 is the queue
+    and cluster tests' database, slot 1 the fault tests'; nothing else uses databases 4-11."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    if index > 3:
+        raise RuntimeError(f"at most 4 pytest-xdist processes share one Redis (this is {worker})")
+    return f"redis://127.0.0.1:6379/{4 + slot * 4 + index}"
 
 
 def free_port() -> int:

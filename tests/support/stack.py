@@ -25,9 +25,10 @@ from app.db.models import Artifact, EpochMetric, JobEvent
 from app.db.session import engine_for, session_factory
 from app.main import create_app
 from app.services import auth
+from support.procs import redis_test_url
 
 GRAFT = Path(sys.executable).with_name("graft")
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = redis_test_url(0)
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 DEAD_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 

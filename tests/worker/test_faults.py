@@ -20,7 +20,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
-from support.procs import descendants
+from support.procs import descendants, redis_test_url
 from support.stack import DEAD_BROKER, FINAL, TINY_RUN, Stack, Worker, build_stack, close_stack, unreachable
 
 from app.core.settings import Settings
@@ -31,7 +31,7 @@ from app.main import create_app
 from worker import reaper
 from worker.runjob import Heartbeat, Reporter, _finish, execute
 
-REDIS_FAULTS_URL = "redis://127.0.0.1:6379/12"
+REDIS_FAULTS_URL = redis_test_url(1)
 FAST = {"GRAFT_HEARTBEAT_TIMEOUT_S": "5", "GRAFT_HEARTBEAT_INTERVAL_S": "0.5", "GRAFT_RECONCILE_INTERVAL_S": "0.5"}
 LONG_RUN = {"strategy": "full", "epochs": 6, "image_size": 64, "batch_size": 2, "patience": None}
 

@@ -33,11 +33,56 @@ class Shard(Protocol):
     def total(self, *values: float) -> list[float]: ...
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float, class_weights: torch.Tensor | None,
+class MultiLabel:
+    """The multi-label objective (issue 16): an image's label is an index into the dataset's label sets, whose
+    multi-hot rows are `targets` [sets, classes]; the loss is binary cross-entropy per class averaged over the
+    classes, each class's positives weighted by `pos_weight` (balance.py; None: 1). Passed where a multi-class
+    run passes its class weights, so that every loop, the data-parallel runs and the searches take it as is."""
+
+    def __init__(self, targets: torch.Tensor, pos_weight: torch.Tensor | None = None):
+        self.targets, self.pos_weight = targets.float(), pos_weight
+
+    def to(self, device: torch.device | str) -> MultiLabel:
+        return MultiLabel(self.targets.to(device), None if self.pos_weight is None else self.pos_weight.to(device))
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weighted: bool = True
+             ) -> torch.Tensor:
+        t = self.targets.to(logits.device)[y.to(logits.device)]
+        pw = self.pos_weight.to(logits.device) if weighted and self.pos_weight is not None else None
+        per_image = F.binary_cross_entropy_with_logits(logits, t, pos_weight=pw, reduction="none").mean(1)
+        return per_image.sum() if reduction == "sum" else per_image.mean()
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> int:
+        """Images whose every label is right at 0.5 (the subset accuracy's count)."""
+        t = self.targets.to(logits.device)[y.to(logits.device)] > 0.5
+        return int(((logits > 0) == t).all(1).sum().item())
+
+
+Weighting = torch.Tensor | MultiLabel | None  # a multi-class run's class weights, or the multi-label objective
+
+
+def hits(logits: torch.Tensor, y: torch.Tensor, weighting: Weighting = None) -> int:
+    """Right answers in a batch: the top class (multi-class), every label at 0.5 (multi-label)."""
+    if isinstance(weighting, MultiLabel):
+        return weighting.hits(logits, y)
+    return int((logits.argmax(1) == y).sum().item())
+
+
+def val_loss(logits: torch.Tensor, y: torch.Tensor, weighting: Weighting = None) -> float:
+    """The unweighted loss that early stopping and the best epoch go by."""
+    if isinstance(weighting, MultiLabel):
+        return weighting.loss(logits.float(), y, weighted=False).item()
+    return F.cross_entropy(logits.float(), y).item()
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float, class_weights: Weighting,
             reduction: str = "mean") -> torch.Tensor:
     """The training loss: cross-entropy with label smoothing, each image's term times its class's weight
     (`class_weights`, see balance.py; None: 1). "mean" divides by the images, not by the weights, so that
-    micro-batches and data-parallel parts add up to the whole batch's loss."""
+    micro-batches and data-parallel parts add up to the whole batch's loss. A MultiLabel objective gives its
+    own loss (no label smoothing)."""
+    if isinstance(class_weights, MultiLabel):
+        return class_weights.loss(logits, y, reduction)
     if class_weights is None:
         return F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction=reduction)
     per_image = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none") * class_weights[y]
@@ -51,7 +96,7 @@ def micro_batch(batch_size: int, accum: int) -> int:
 
 def train_epoch_on_features(head, feats: torch.Tensor, labels: list[int], opt, sched, device: torch.device,
                             batch_size: int, label_smoothing: float, on_batch: OnBatch,
-                            class_weights: torch.Tensor | None = None):
+                            class_weights: Weighting = None):
     """One epoch of the head on precomputed features, in a random order (`class_weights`: see `loss_fn`).
     Returns (mean loss, accuracy, images seen, seconds)."""
     y_all = torch.tensor(labels)
@@ -70,7 +115,7 @@ def train_epoch_on_features(head, feats: torch.Tensor, labels: list[int], opt, s
         opt.step()
         sched.step()
         loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += hits(logits, y, class_weights)
         seen += len(y)
         on_batch(b + 1, n_batches, t, seen)
     return loss_sum / seen, correct / seen, seen, time.perf_counter() - t
@@ -78,7 +123,7 @@ def train_epoch_on_features(head, feats: torch.Tensor, labels: list[int], opt, s
 
 def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, autocast: Callable, micro: int,
                           device: torch.device, label_smoothing: float, on_batch: OnBatch,
-                          shard: Shard | None = None, class_weights: torch.Tensor | None = None):
+                          shard: Shard | None = None, class_weights: Weighting = None):
     """One optimizer step per batch of the loader; each batch goes through the model in micro-batches of
     `micro` images whose gradients add up to the whole batch's. The caller sets the train/eval modes.
     With `shard` (data-parallel: every process iterates the same global batches) this process trains on its
@@ -108,7 +153,7 @@ def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, a
             else:
                 loss.backward()
             loss_sum += loss.item() * n / (shard.world if shard is not None else 1)
-            correct += (logits.argmax(1) == y).sum().item()
+            correct += hits(logits, y, class_weights)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()

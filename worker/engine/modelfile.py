@@ -45,8 +45,10 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def save_model_file(path: Path, model: GraftNet, classes: list[str], pre: Preprocessing, spec: dict,
-                    metrics: dict, weights: str, trust: dict | None = None) -> None:
+                    metrics: dict, weights: str, trust: dict | None = None, labels: dict | None = None) -> None:
+    """`labels`: a multi-label model's {"task": "multilabel", "thresholds": [per class]} (kept at the top level)."""
     extra = {"trust": trust} if trust else {}
+    extra.update(labels or {})
     atomic_save({
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,

@@ -13,7 +13,7 @@ from domain.results import SearchReport
 from domain.spec import RunSpec
 
 from .backbones import GraftNet, Preprocessing
-from .balance import ClassWeighting
+from .balance import ClassWeighting, LabelWeighting
 from .freeze import HEAD, Phase
 from .modelfile import save_model_file
 from .result import RunResult
@@ -21,7 +21,7 @@ from .result import RunResult
 log = logging.getLogger(__name__)
 
 
-def effective_parameters(spec: RunSpec, max_epochs: int, pre: Preprocessing, weighting: ClassWeighting | None,
+def effective_parameters(spec: RunSpec, max_epochs: int, pre: Preprocessing, weighting: ClassWeighting | LabelWeighting | None,
                          search: SearchReport | None = None, phases: list[Phase] | None = None) -> dict[str, Any]:
     """The parameters as a run applies them, where its spec leaves the choice to it (RunSummary.effective); with
     a search, the ones it chose, and the head's learning rate in each phase."""
@@ -36,8 +36,8 @@ def effective_parameters(spec: RunSpec, max_epochs: int, pre: Preprocessing, wei
 
 
 def write_outputs(out: Path, model: GraftNet, pre: Preprocessing, spec: dict[str, Any], weights: str,
-                  result: RunResult, history: list[EpochMetric], cb: Callbacks, trust: dict[str, Any] | None = None
-                  ) -> Path:
+                  result: RunResult, history: list[EpochMetric], cb: Callbacks, trust: dict[str, Any] | None = None,
+                  labels: dict[str, Any] | None = None) -> Path:
     """Write the run's files under `out` from `result` (its figures and report set) and the model as it is
     (the best epoch's weights loaded); say so to `cb`. Returns the model file's path."""
     report = result.report or {}
@@ -46,10 +46,11 @@ def write_outputs(out: Path, model: GraftNet, pre: Preprocessing, spec: dict[str
                "epochs_run": result.epochs_run, "max_epochs": result.max_epochs, "effective": result.effective,
                "report": report, "history": hist, "trust": result.trust}
     model_path = out / "model.pt"
-    save_model_file(model_path, model, result.classes, pre, spec, metrics, weights, trust)
+    save_model_file(model_path, model, result.classes, pre, spec, metrics, weights, trust, labels)
     cb.on_checkpoint(model_path, "model")
     try:
-        confusion_png(report["confusion_matrix"], result.classes, out / "confusion_matrix.png")
+        if report.get("task") != "multilabel":  # (a multi-label report has per-label confusion counts instead)
+            confusion_png(report["confusion_matrix"], result.classes, out / "confusion_matrix.png")
     except Exception as e:  # a picture must never fail a finished run
         log.warning("could not draw the confusion matrix: %s", e)
     result.model_path = str(model_path)

@@ -27,6 +27,9 @@ class Predictor:
         self.classes: list[str] = self.meta["classes"]
         self.pre = Preprocessing.from_dict(self.meta["preprocessing"])
         self.trust = TrustModel.from_meta(self.meta)
+        # a multi-label model (issue 16): sigmoid probabilities, each label given at or above its threshold
+        self.multilabel = self.meta.get("task") == "multilabel"
+        self.thresholds: list[float] = [float(t) for t in self.meta.get("thresholds") or [0.5] * len(self.classes)]
         self._crop = eval_transform(self.pre.image_size)
         self.channels_last = self.model.info.channels_last  # faster for convnets, on CPU too
         if self.channels_last:
@@ -54,6 +57,8 @@ class Predictor:
                 ) -> tuple[torch.Tensor, list[float | None], list[bool]]:
         """(calibrated probabilities, OOD scores, abstained) of a batch of uint8 crops."""
         feats = self.model.body(self._inputs(batch_u8)).float()
+        if self.multilabel:  # no calibration nor abstention: an image may carry no label at all
+            return self.model.head(feats).float().sigmoid(), [None] * len(feats), [False] * len(feats)
         return self.trust(self.model.head(feats), feats, confidence_threshold)
 
     def predict(self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32, explain: bool = False,
@@ -65,12 +70,14 @@ class Predictor:
 
     def predict_sources(self, sources: Sequence[tuple[str, Path | BinaryIO]], top_k: int = 3,
                         batch_size: int = 32, explain: bool = False,
-                        confidence_threshold: float | None = None) -> list[dict]:
+                        confidence_threshold: float | None = None,
+                        label_thresholds: Sequence[float] | None = None) -> list[dict]:
         """Like `predict`, for (name, path or binary file) pairs (uploaded images). `abstained`: the image is
         unlike the training images (`ood_score` above the model's threshold) or its calibrated confidence is
         below `confidence_threshold` (default: the one chosen on the val set; `abstain_reason` says which).
         `explain`: `heatmap_png`, a base64 grayscale PNG at the image's width and height, brighter where the
-        evidence for the top class is."""
+        evidence for the top class is. A multi-label model adds `labels` (those at or above their threshold,
+        `label_thresholds` or the model file's, most probable first) and `probabilities` (every label's)."""
         from .explain import display_size, heatmaps, png_base64, to_image_size
 
         paths = [name for name, _ in sources]
@@ -107,6 +114,8 @@ class Predictor:
                 r = {"file": str(paths[i]), "top": [
                     {"class": self.classes[j], "probability": round(float(v), 6)} for v, j in zip(vals, idx)],
                     "abstained": abstained[n], "ood_score": scores[n]}
+                if self.multilabel:
+                    r.update(self._labels(pr, label_thresholds))
                 if abstained[n]:
                     score = scores[n]
                     ood = self.trust.scorer is not None and score is not None and score > self.trust.scorer.threshold
@@ -116,3 +125,12 @@ class Predictor:
                     r["heatmap_png"] = png_base64(to_image_size(cams[n], resized, size))
                 results[i] = r
         return results
+
+    def _labels(self, probs: torch.Tensor, thresholds: Sequence[float] | None) -> dict:
+        th = list(thresholds) if thresholds is not None else self.thresholds
+        if len(th) != len(self.classes):
+            raise ValueError(f"{len(th)} thresholds for {len(self.classes)} labels")
+        given = sorted(((float(p), c) for c, p, t in zip(self.classes, probs.tolist(), th) if p >= t - 1e-12),
+                       reverse=True)
+        return {"labels": [{"class": c, "probability": round(p, 6)} for p, c in given],
+                "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs.tolist())}}

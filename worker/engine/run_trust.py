@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from .data import eval_transform
+from domain.errors import ImageError
+
+from .data import decode_for, eval_transform
 from .ood import body_features
 from .result import RunResult
 from .trust import TrustFit, fit_trust
@@ -38,6 +40,33 @@ def _trained_body_features(r: Runner) -> tuple[torch.Tensor, torch.Tensor]:
     return train, val
 
 
+def _junk_outputs(r: Runner) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The saved model's logits and body features of the dataset's images of no class (`_junk/`), None
+    without any; unreadable ones are skipped."""
+    paths = list(getattr(r.split, "junk", []) or [])
+    if not paths:
+        return None
+    crop = eval_transform(r.pre.image_size)
+    logits, feats = [], []
+    r.model.eval()
+    with torch.no_grad(), r._autocast():
+        for s in range(0, len(paths), r.spec.batch_size):
+            batch = []
+            for p in paths[s:s + r.spec.batch_size]:
+                try:
+                    batch.append(crop(decode_for(Path(p), r.pre, r.max_pixels)))
+                except ImageError:
+                    continue
+            if not batch:
+                continue
+            f = r.model.body(r._inputs(torch.stack(batch)))
+            feats.append(f.float().cpu())
+            logits.append(r.model.head(f).float().cpu())
+    if not feats:
+        return None
+    return torch.cat(logits), torch.cat(feats)
+
+
 def fit_run_trust(r: Runner, logits: torch.Tensor, frozen_features: bool, out: Path,
                   result: RunResult) -> tuple[dict[str, Any] | None, torch.Tensor]:
     """Fit the run's trust data, put its report in `result.trust` and return the model file's `trust` entry
@@ -56,7 +85,11 @@ def _fit(r: Runner, logits: torch.Tensor, frozen_features: bool, out: Path, resu
             r.cb.on_message("calibration: computing the trained model's features of the val images and a "
                             f"sample of up to {TRAIN_SAMPLE} train images")
             train, val = _trained_body_features(r)
-        fit = fit_trust(logits.clone(), r.val_labels, train, val, r.classes, out, seed=r.spec.seed)
+        junk = _junk_outputs(r)
+        if junk is not None:
+            r.cb.on_message(f"measuring the false-accept rate on {len(junk[0])} images of no class")
+        fit = fit_trust(logits.clone(), r.val_labels, train, val, r.classes, out, seed=r.spec.seed,
+                        junk_logits=junk[0] if junk else None, junk_features=junk[1] if junk else None)
     except Exception as e:  # noqa: BLE001 - the trained model is saved whatever happens here
         log.warning("could not fit calibration and abstention: %s", e, exc_info=True)
         r.cb.on_message(f"calibration and abstention could not be fitted ({e}); the model is saved without them")

@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from domain.callbacks import CallbackList, Callbacks, EpochMetric
 from domain.errors import RunStopped, SpecError
-from domain.evaluate import evaluation
 from domain.images import DEFAULT_MAX_PIXELS
 from domain.layout import DataSplit, discover, subsample
 from domain.results import SearchReport
@@ -25,7 +23,7 @@ from domain.spec import RunSpec
 
 from . import freeze
 from .backbones import GraftNet, Preprocessing, build_model, get_info, weights_id
-from .balance import ClassWeighting, class_weighting
+from .balance import ClassWeighting, LabelWeighting
 from .checkpoint import (
     CHECKPOINT_VERSION,
     Best,
@@ -38,14 +36,14 @@ from .checkpoint import (
 from .data import ImageStore, decode_split, eval_transform, image_loader, normalize, train_transform
 from .device import amp_dtype_for, autocast, pick_device, rng_state, seed_everything, set_cpu_threads, set_rng_state
 from .features import FeatureCache, FeatureExtractor
-from .loop import micro_batch, predict, retry_on_oom, train_epoch_on_features, train_epoch_on_images
+from .loop import hits, micro_batch, predict, retry_on_oom, train_epoch_on_features, train_epoch_on_images, val_loss
 from .outputs import effective_parameters, write_metrics, write_outputs
 from .progress import Progress as _Progress
 from .progress import epoch_estimate, eta_after_epoch, eta_after_features, expected_epochs
 from .result import RunResult
-from .run_trust import fit_run_trust
 from .schedules import phase_scheduler
 from .search import tune
+from .task import evaluate_best, set_weighting
 
 __all__ = ["CHECKPOINT_VERSION", "RunResult", "Runner", "pick_device", "run", "seed_everything", "set_cpu_threads"]
 
@@ -86,7 +84,7 @@ class Runner:
         self.feature_rate: float | None = None
         self.features_from_cache = False
         self.image_seconds: float | None = None
-        self.weighting: ClassWeighting | None = None  # the classes' weights in the loss (set by run: balance.py)
+        self.weighting: ClassWeighting | LabelWeighting | None = None  # the loss's weighting (set by run: task.py)
         self.class_weights: torch.Tensor | None = None  # those weights as a tensor (None: unweighted)
         self.expected: dict[int, int] = {}  # epochs a phase (by index) ran or will likely run, when early stopping
 
@@ -361,9 +359,7 @@ class Runner:
                 self.compute_features(progress, need_images=not all(p.backbone_frozen for p in self.phases))
             else:
                 self._decode(progress)
-            self.weighting = class_weighting(self.spec.class_weighting, self.train_labels, len(self.classes))
-            self.class_weights = self.weighting.tensor(self.device)
-            self.cb.on_message(f"class weighting: {self.weighting.describe()}")
+            set_weighting(self)
             self.search = tune(self, progress, ck.search if ck else None, lambda: self._eta_after_epoch(0))
             if ck is not None:
                 load_model_state(self.model, ck.model)
@@ -421,8 +417,8 @@ class Runner:
                             phase, opt, sched, scaler, global_epoch, progress)
                     train_seen += seen
                     yv = torch.tensor(self.val_labels)
-                    vl = F.cross_entropy(logits, yv).item()
-                    va = (logits.argmax(1) == yv).float().mean().item()
+                    vl = val_loss(logits, yv, self.class_weights)
+                    va = hits(logits, yv, self.class_weights) / max(len(yv), 1)
                     secs = time.perf_counter() - te
                     self.epoch_times.setdefault(self._mode(phase), []).append(secs)
                     improved = vl < best.val_loss - 1e-6
@@ -476,14 +472,10 @@ class Runner:
         load_model_state(self.model, best.state)
         use_feats = self.use_feature_cache and "full" not in best.state
         logits = self.predict_val(use_feats, global_epoch, progress)
-        files = [self.split.rel(self.items[i][0]) for i in self.val_idx]
-        result.val_files = [str(self.items[i][0]) for i in self.val_idx]
-        trust, probs = fit_run_trust(self, logits, use_feats, out, result)  # calibrated probabilities
-        report = evaluation(probs.numpy(), self.val_labels, files, self.classes)
-        result.val_acc, result.val_loss, result.best_epoch = report["accuracy"], best.val_loss, best.epoch
-        result.report = report
+        trust, labels = evaluate_best(self, logits, use_feats, out, result)
+        result.val_loss, result.best_epoch = best.val_loss, best.epoch
         write_outputs(out, self.model, self.pre, self.spec.model_dump(), self.weights, result, history, self.cb,
-                      trust)
+                      trust, labels)
         result.seconds = elapsed_before + time.perf_counter() - t0
         write_metrics(out, result, history)
         return result

@@ -120,8 +120,11 @@ def fit_trust(val_logits: torch.Tensor, val_labels: Sequence[int] | torch.Tensor
         jconf = figures.softmax(junk_logits.detach().float().cpu().numpy(), temperature).max(1)
         jscore = scorer.score(junk_features.float().cpu()).numpy()
         jflag = jscore > scorer.threshold
-        ood["junk"] = {"images": int(len(jscore)), "flagged": float(jflag.mean()),
-                       "abstained": float(figures.abstain(jconf, jscore, threshold, scorer.threshold).mean())}
+        jabst = float(figures.abstain(jconf, jscore, threshold, scorer.threshold).mean())
+        ood["junk"] = {"images": int(len(jscore)), "flagged": float(jflag.mean()), "abstained": jabst,
+                       "false_accept_rate": 1.0 - jabst,
+                       # what the rate at another operating point needs (figures.false_accept_at)
+                       "accepted_confidences": sorted(round(float(c), 5) for c in jconf[~jflag])}
         ood["note"] = "false-accept rate measured on the junk images (1 - abstained)"
 
     report = {"version": TRUST_VERSION, "calibration": calibration, "abstain": abstain, "ood": ood,

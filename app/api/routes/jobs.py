@@ -179,6 +179,9 @@ def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> Evalu
         extra["abstain"] = {**extra["abstain"], **{k: op.get(k) for k in ("threshold", "coverage",
                                                                           "accuracy_when_answered")},
                             "default_threshold": extra["abstain"].get("threshold"), "operating_point": op}
+    junk = (trust.get("ood") or {}).get("junk")
+    if isinstance(junk, dict) and "abstain" in extra:  # measured on the dataset's images of no class (_junk/)
+        extra["abstain"]["false_accept_rate"] = (op or {}).get("false_accept_rate", junk.get("false_accept_rate"))
     if trust.get("calibration") and service.has_artifact(session, job_id, "reliability"):
         extra["reliability_png"] = f"/api/v1/jobs/{job_id}/reliability.png"
     return EvaluationOut(**{k: v for k, v in report.to_json().items() if k != "mistakes"}, job_id=job_id,

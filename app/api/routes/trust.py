@@ -23,6 +23,9 @@ class OperatingPointOut(BaseModel):
     threshold: float
     coverage: float | None = Field(None, description="Share of the val images answered at this threshold.")
     accuracy_when_answered: float | None = None
+    false_accept_rate: float | None = Field(None, description="Share of the dataset's images of no class (its "
+                                                              "`_junk/` folder) still answered at this threshold; "
+                                                              "null without such images.")
     default_threshold: float | None = Field(None, description="The threshold training chose.")
     set_by: str | None = None
     set_at: str | None = None

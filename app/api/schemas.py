@@ -52,6 +52,11 @@ class DatasetOut(BaseModel):
     version: int = Field(1, description="The number within its family of versions (1: the upload)")
     changes: dict[str, Any] | None = Field(None, description="What changed from the parent: relabelled "
                                            "[{file, from, to, new_file}], removed [files], added [files], counts")
+    task: str = Field("multiclass", description="multiclass (one class per image: the folder layouts) or "
+                      "multilabel (any number of labels per image: a labels.csv manifest)")
+    label_stats: dict[str, Any] | None = Field(None, description="Multi-label only: labels_per_image (mean), "
+                                               "no_label (images with none), images {train, val} (counts are per "
+                                               "label), cooccurrence {labels, matrix: images with both labels}")
 
 
 class DatasetVersionCreate(BaseModel):

@@ -149,6 +149,12 @@ class Dataset(Base):
     lineage_id: Mapped[int | None] = mapped_column(Integer, index=True, default=None)
     version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     changes: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # "multiclass" (folder layouts) or "multilabel" (a labels.csv manifest: `classes` are its labels, `counts`
+    # the images that carry each); label_stats (multi-label only): {"labels_per_image": mean, "no_label": n,
+    # "images": {"train": n, "val": n}, "cooccurrence": {"labels": [...], "matrix": [[images with both]]}}
+    # (app.services.doctor_manifest)
+    task: Mapped[str] = mapped_column(String(16), default="multiclass", server_default="multiclass")
+    label_stats: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
     @property
     def family_id(self) -> int:

@@ -45,7 +45,8 @@ def register(session: Session, settings: Settings, user: User, name: str, folder
     root_rel = verdict.root.relative_to(settings.data_dir)
     ds = Dataset(owner_id=user.id, workspace_id=workspace_id, name=name.strip() or folder.name, path=str(root_rel),
                  layout=verdict.layout, classes=verdict.classes, counts=verdict.counts, warnings=verdict.warnings,
-                 num_images=verdict.num_images, size_bytes=verdict.size_bytes, version=version, changes=changes,
+                 num_images=verdict.num_images, size_bytes=verdict.size_bytes, task=verdict.task,
+                 label_stats=verdict.label_stats, version=version, changes=changes,
                  parent_id=parent.id if parent else None, lineage_id=parent.family_id if parent else None)
     key, _ = storage.dataset_key(str(root_rel))
     st = storage.for_settings(settings)

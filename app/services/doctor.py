@@ -5,7 +5,8 @@ at all, fewer than 2 classes, a class folder with no images, train/ and val/ wit
 Tolerated and reported as warnings (plain sentences that say what and how to fix): stray files (removed),
 unreadable images (removed, so training never sees them), images outside class folders, odd colour modes,
 very small images, classes with few images, class imbalance, a tiny val split, exact duplicates and the
-same image in train and val (leakage).
+same image in train and val (leakage). A `labels.csv` manifest (multi-label) is checked by
+app.services.doctor_manifest, with the same image checks.
 
 Torch-free: Pillow decodes every image once (JPEGs at 1/8 scale, which still reads all of their data) in a
 thread pool; Pillow releases the GIL while it decodes.
@@ -34,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from app.core import errors
 from app.core.errors import AppError, ServiceUnavailable, Unprocessable
 from app.core.settings import Settings
+from app.services import doctor_manifest
 from domain.errors import DataError
 from domain.layout import IMAGE_EXTS, JUNK_NAMES, DataSplit, Folders, discover, read_folders
 from domain.spec import AUTO_BALANCE_RATIO
@@ -97,8 +99,8 @@ def is_junk(name: str) -> bool:
     return name in JUNK_NAMES or name.startswith(".")
 
 
-def sweep(folder: Path) -> tuple[list[str], list[str], dict[Path, list[str]]]:
-    """Removes stray files (system files and folders, non-image files). Returns the removed names (a
+def sweep(folder: Path, keep: Path | None = None) -> tuple[list[str], list[str], dict[Path, list[str]]]:
+    """Removes stray files (system files and folders, non-image files; not `keep`). Returns the removed names (a
     folder once, with a trailing /), the image files that remain (as strings: 100,000 Path objects weigh
     ~100 MB), and the removed names by folder."""
     removed: list[str] = []
@@ -115,6 +117,8 @@ def sweep(folder: Path) -> tuple[list[str], list[str], dict[Path, list[str]]]:
         dirnames[:] = sorted(n for n in dirnames if (d / n).is_dir() and not (d / n).is_symlink())
         for n in sorted(filenames):
             p = d / n
+            if p == keep:
+                continue
             if is_junk(n) or p.is_symlink() or p.suffix.lower() not in IMAGE_EXTS:
                 p.unlink()
                 removed.append(p.relative_to(folder).as_posix())
@@ -196,6 +200,8 @@ class Verdict:
     warnings: list[str]
     num_images: int
     size_bytes: int
+    task: str = "multiclass"  # or "multilabel" (a labels.csv manifest)
+    label_stats: dict | None = None  # multi-label: doctor_manifest.label_stats
 
 
 def diagnose(folder: Path, settings: Settings) -> Verdict:
@@ -234,7 +240,8 @@ def _diagnose(folder: Path, settings: Settings) -> Verdict:
     split = examine(folder, settings)
     items = split.train + split.val
     return Verdict(split.root, split.layout, split.classes, split.counts(), split.warnings, len(items),
-                   sum(p.stat().st_size for p, _ in items))
+                   sum(p.stat().st_size for p, _ in items), split.task,
+                   doctor_manifest.label_stats(split) if split.multilabel else None)
 
 
 def _diagnose_in_child(folder: Path, settings: Settings) -> tuple[Verdict | tuple[str, str, list | dict | None], int]:
@@ -255,7 +262,8 @@ def examine(folder: Path, settings: Settings) -> DataSplit:
     def rel(p: Path | str) -> str:
         return Path(p).relative_to(folder).as_posix()
 
-    stray, image_paths, stray_by_dir = sweep(folder)
+    manifest = doctor_manifest.find(folder)
+    stray, image_paths, stray_by_dir = sweep(folder, keep=manifest)
     checks = check_images(image_paths, settings)
     unreadable = [c for c in checks if c.error]
     for c in unreadable:
@@ -271,20 +279,42 @@ def examine(folder: Path, settings: Settings) -> DataSplit:
             f"resize {'it' if len(bombs) == 1 else 'them'} below {settings.max_image_pixels} pixels (width x "
             "height) or leave them out; the server's limit is GRAFT_MAX_IMAGE_PIXELS",
             [rel(c.path) for c in bombs]))
+    if manifest is not None:
+        errs, dropped = doctor_manifest.check(manifest, unreadable)
+        if problems or errs:
+            refuse(problems + [Problem(p.problem, p.fix, p.files) for p in errs])
+        split = _discover(folder)
+        split.warnings = _stray_warning(stray) + doctor_manifest.warnings(split, good, unreadable, dropped, MIN_SIDE)
+        if dropped:
+            doctor_manifest.compact(manifest)  # the stored labels.csv names only the images it keeps
+        return split
     found = read_folders(folder)
     problems += _layout_problems(found, folder, rel, unreadable, stray_by_dir, n_images=len(good) + len(bombs),
                                  n_stray=len(stray))
     if problems:
         refuse(problems)
+    split = _discover(folder)
+    split.warnings = _warnings(split, found, folder, rel, stray, unreadable, good)
+    return split
 
+
+def _discover(folder: Path) -> DataSplit:
     try:
-        split = discover(folder, follow_links=False)
+        return discover(folder, follow_links=False)
     except DataError as e:  # said in the upload's own terms, without the server's paths
         msg = str(e).replace(str(folder) + os.sep, "").replace(str(folder), "the upload")
         what, _, fix = msg.partition(": ")
         refuse([Problem(what, fix or "fix the folder and upload it again")])
-    split.warnings = _warnings(split, found, folder, rel, stray, unreadable, good)
-    return split
+
+
+def _stray_warning(stray: list[str]) -> list[str]:
+    if not stray:
+        return []
+    n_dirs = sum(1 for n in stray if n.endswith("/"))
+    what = " and ".join(([plural(n_dirs, "stray folder")] if n_dirs else [])
+                        + ([plural(len(stray) - n_dirs, "stray file")] if len(stray) > n_dirs else []))
+    return [Problem(f"removed {what} (system files, notes, other formats than images): {examples(stray, 10)}",
+                    f"nothing to fix, only images ({EXTS}) are used; leave such files out of the next upload").text]
 
 
 def _class_dir(found: Folders, split: str, cls: str) -> Path:
@@ -358,13 +388,7 @@ def _layout_problems(found: Folders, folder: Path, rel, unreadable: list[ImageCh
 
 def _warnings(split: DataSplit, found: Folders, folder: Path, rel, stray: list[str],
               unreadable: list[ImageCheck], good: list[ImageCheck]) -> list[str]:
-    w: list[Problem | str] = []
-    if stray:
-        n_dirs = sum(1 for n in stray if n.endswith("/"))
-        what = " and ".join(([plural(n_dirs, "stray folder")] if n_dirs else [])
-                            + ([plural(len(stray) - n_dirs, "stray file")] if len(stray) > n_dirs else []))
-        w.append(Problem(f"removed {what} (system files, notes, other formats than images): {examples(stray, 10)}",
-                         f"nothing to fix, only images ({EXTS}) are used; leave such files out of the next upload"))
+    w: list[Problem | str] = list(_stray_warning(stray))
     if unreadable:
         w.append(Problem(f"skipped {plural(len(unreadable), 'unreadable image')} (removed from the dataset): "
                          + examples((f"{rel(c.path)} ({c.error})" for c in unreadable), 10),

@@ -50,6 +50,10 @@ def create_version(session: Session, settings: Settings, user: User, dataset_id:
     in the dataset, classes that are not its own and contradictory changes are refused (400, naming them)
     before anything is written; a version the doctor refuses leaves no folder and no row."""
     parent = datasets.get_owned(session, user, dataset_id, access.EDIT, "making a version of a dataset")
+    if parent.task == "multilabel":  # its labels live in labels.csv, not in class folders: not supported yet
+        refuse([Problem(f"dataset {parent.id} is multi-label (a labels.csv manifest): versions of multi-label "
+                        "datasets are not supported yet", "upload the corrected dataset (its images and its "
+                        "corrected labels.csv) as a new dataset")])
     if name is not None:
         datasets.check_name(name)
     if not (relabel or remove or upload_ids):

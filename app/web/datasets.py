@@ -45,18 +45,40 @@ def dataset_page(dataset_id: str, request: Request, session: SessionDep, user: S
         return _not_found(request, user, f"dataset {dataset_id}")
     train = ds.counts.get("train", {})
     val = ds.counts.get("val", {})
+    multilabel = ds.task == "multilabel"
     rows = [{"index": i, "name": c, "train": int(train.get(c, 0)), "val": int(val.get(c, 0)),
-             "samples": min(SAMPLES_PER_CLASS, int(train.get(c, 0)))} for i, c in enumerate(ds.classes)]
+             "samples": 0 if multilabel else min(SAMPLES_PER_CLASS, int(train.get(c, 0)))}
+            for i, c in enumerate(ds.classes)]
     largest = max([r["train"] + r["val"] for r in rows] or [1]) or 1
+    images = ((ds.label_stats or {}).get("images") or {}) if multilabel else {}  # counts are per label there
     jobs = session.scalars(select(Job).where(Job.dataset_id == ds.id, access.visible_to(Job, user))
                            .order_by(Job.id.desc())).all()
     return render(request, "dataset.html", {
         "nav": "dataset", "ds": ds, "rows": rows, "largest": largest, "jobs": jobs,
-        "train_total": sum(r["train"] for r in rows), "val_total": sum(r["val"] for r in rows),
+        "train_total": images.get("train", sum(r["train"] for r in rows)),
+        "val_total": images.get("val", sum(r["val"] for r in rows)),
+        "multilabel": multilabel, "cooc": cooccurrence(ds.label_stats, ds.num_images) if multilabel else None,
         "strategies": STRATEGIES, **probe_pages.dataset_context(session, user, ds),
         **label_pages.dataset_context(session, user, ds),
         **lineage.dataset_context(session, user, ds),
         "can_edit": access.allows(access.role_of(session, user, ds.workspace_id), access.EDIT)}, user=user)
+
+
+def cooccurrence(stats: dict | None, n_images: int) -> dict:
+    """The co-occurrence table of a multi-label dataset's page: each cell's count and its share of the row
+    label's images (the diagonal: the label's share of all images)."""
+    stats = stats or {}
+    co = stats.get("cooccurrence") or {}
+    labels, matrix = list(co.get("labels") or []), list(co.get("matrix") or [])
+    rows = []
+    for i, (name, counts) in enumerate(zip(labels, matrix)):
+        own = int(counts[i]) if i < len(counts) else 0
+        cells = [{"n": int(v), "diag": j == i,
+                  "share": (int(v) / n_images if n_images else 0.0) if j == i else (int(v) / own if own else 0.0)}
+                 for j, v in enumerate(counts)]
+        rows.append({"name": name, "cells": cells})
+    return {"labels": labels, "rows": rows, "no_label": int(stats.get("no_label") or 0),
+            "labels_per_image": float(stats.get("labels_per_image") or 0.0)}
 
 
 @router.get("/datasets/{dataset_id}/samples/{class_index}/{n}.jpg")

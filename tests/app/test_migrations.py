@@ -107,3 +107,40 @@ def test_unreachable_postgres_skips_locally_and_fails_on_ci(tmp_path):
     ci = subprocess.run(cmd, cwd=tmp_path, env={**env, "CI": "true"}, capture_output=True, text=True, timeout=60)
     assert ci.returncode == 1 and "1 passed, 1 error" in ci.stdout, ci.stdout + ci.stderr
     assert "PostgreSQL is not reachable" in ci.stdout and "must run on CI" in ci.stdout
+
+
+def test_datasets_made_before_0006_are_multiclass(db_url):  # noqa: F811
+    """0006 gives every existing dataset task 'multiclass' and no label statistics, and goes down and up again
+    with the rows kept (SQLite rebuilds the table)."""
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from app.services import auth
+
+    engine = create_engine(db_url, poolclass=NullPool)
+    cfg = alembic_config(db_url)
+    try:
+        run_migrations(db_url)
+        with Session(engine) as s:
+            user = auth.create_user(s, "old")
+            uid, wid = user.id, s.execute(text("SELECT id FROM workspaces")).scalar_one()
+
+        def insert(conn, name: str) -> None:
+            conn.execute(text("INSERT INTO datasets (owner_id, workspace_id, name, path, layout, classes, counts, "
+                              "warnings, num_images, size_bytes, created_at) VALUES (:u, :w, :n, 'datasets/x/y', "
+                              "'', '[]', '{}', '[]', 0, 0, CURRENT_TIMESTAMP)"), {"u": uid, "w": wid, "n": name})
+
+        with engine.begin() as conn:
+            insert(conn, "at head")  # the columns' server default
+        command.downgrade(cfg, "0005")
+        with engine.connect() as conn:
+            assert "task" not in {c["name"] for c in inspect(conn).get_columns("datasets")}
+        with engine.begin() as conn:
+            insert(conn, "before 0006")
+        command.upgrade(cfg, "head")
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT name, task, label_stats FROM datasets ORDER BY id")).all()
+        assert [tuple(r) for r in got] == [("at head", "multiclass", None), ("before 0006", "multiclass", None)]
+        assert schema_differences(engine) == []
+    finally:
+        engine.dispose()

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.routes import (
     backbones,
+    batch_predict,
     compare,
     datasets,
     health,
@@ -56,8 +57,8 @@ class _BodyTooLarge(Exception):
     """Raised from `receive` when a body (chunked or lying about its length) grows past the limit."""
 
 
-# the two routes that take files (they read them only after authentication)
-UPLOAD_PATHS = re.compile(r"/api/v1/(datasets|jobs/[^/]+/predict)/?$")
+# the routes that take files (they read them only after authentication)
+UPLOAD_PATHS = re.compile(r"/api/v1/(datasets|jobs/[^/]+/(batch-)?predict)/?$")
 TUS_PATCH = re.compile(r"/api/v1/uploads/[^/]+/?$")  # a resumable upload's chunks (streamed to disk)
 
 
@@ -185,7 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # compare before jobs: its /api/v1/jobs/compare would otherwise match /api/v1/jobs/{job_id}
     for r in (health.router, metrics.router, backbones.router, workspaces.router, datasets.router, compare.router,
-              probe.router, label_issues.router, trust.router, jobs.router, uploads.router):
+              probe.router, label_issues.router, trust.router, batch_predict.router, jobs.router, uploads.router):
         app.include_router(r)
     from app.web.routes import router as web_router
 

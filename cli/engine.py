@@ -242,17 +242,28 @@ def weights_import(
 
 def predict(
     model: Path = typer.Argument(..., help="A model.pt written by `graft train`."),
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., help="Image files, or folders of images (with --csv)."),
     top_k: int = typer.Option(3, min=1),
     confidence_threshold: float | None = typer.Option(
         None, min=0.0, max=1.0, help="Abstain below this calibrated confidence (default: the model's operating point)."),
     explain: Path | None = typer.Option(None, help="Write a heatmap of where the model looked for each image "
                                                   "into this folder (<image name>.heatmap.png)."),
     as_json: bool = typer.Option(False, "--json"),
+    csv: Path | None = typer.Option(None, "--csv", help="Write one row per image into this CSV (file, label, "
+                                    "probability, abstained, top-k, error), with a progress bar: for folders."),
+    sort_into: Path | None = typer.Option(None, "--sort-into", help="Copy the images into this folder, one "
+                                          "folder per predicted class plus abstained/."),
 ) -> None:
     """Classify images with a trained model: calibrated probabilities, and "none of these" (abstained) when an
-    image is unlike the training images or the model is not sure enough."""
+    image is unlike the training images or the model is not sure enough. With --csv (or --sort-into), whole
+    folders: unreadable images are reported and the rest finish."""
     import base64
+
+    if csv is not None or sort_into is not None or any(p.is_dir() for p in images):
+        from cli.batch import predict_batch
+
+        predict_batch(model, images, csv, sort_into, top_k, confidence_threshold, as_json)
+        return
 
     from domain.errors import GraftError
     from worker.engine.predict import Predictor

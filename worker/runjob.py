@@ -41,6 +41,7 @@ from worker.attempt import (  # noqa: F401  (Heartbeat, Reporter, _finish, reque
     stopped,
     utcnow,
 )
+from worker.batchjob import run_batch_predict
 from worker.labeljob import run_label_issues
 from worker.probejob import run_probe
 
@@ -222,7 +223,8 @@ def dataset_dir(settings: Settings, data_rel: str) -> Path:
 
 # what a worker runs for each job kind (app.db.models.JobKind); a new kind adds its entry here
 JOB_KINDS: dict[str, Callable[[Attempt], str]] = {JobKind.train.value: run_train, JobKind.probe.value: run_probe,
-                                                  JobKind.label_issues.value: run_label_issues}
+                                                  JobKind.label_issues.value: run_label_issues,
+                                                  JobKind.batch_predict.value: run_batch_predict}
 
 
 def _export(reporter: Reporter, out, val_files: list[str]) -> list[dict]:

@@ -316,3 +316,31 @@ class CompareOut(BaseModel):
     per_class: list[CompareClass]
     comparisons: list[CompareDifference]
     bootstrap: dict[str, Any]
+
+
+class BatchPredictOptions(BaseModel):
+    """How a batch prediction answers (the multipart form's fields besides `file`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    top_k: int = Field(3, ge=1, le=100, description="Classes per image in the CSV (top1, p1, ... topK, pK)")
+    confidence_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Abstain below this calibrated confidence (default: the training job's "
+                                          "operating point, else the model file's)")
+
+
+class BatchPredictCreate(BatchPredictOptions):
+    """A batch prediction of images already on their way: a finished resumable upload (POST /api/v1/uploads) of
+    a zip or tar, or a prefix in S3 read with the server's AWS_* credentials. (A zip can be sent as the
+    multipart field `file` instead.)"""
+
+    upload_id: str | None = Field(None, min_length=1, max_length=64, description="A finished resumable upload "
+                                  "of a zip or tar of the images")
+    source: str | None = Field(None, min_length=2, max_length=2000, description="s3://bucket/prefix/: every "
+                               "image under the prefix")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> BatchPredictCreate:
+        if (self.upload_id is None) == (self.source is None):
+            raise ValueError("give either upload_id (a finished resumable upload of a zip or tar) or source "
+                             "(s3://bucket/prefix/), or send a zip as the multipart field 'file'")
+        return self

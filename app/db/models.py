@@ -44,6 +44,7 @@ class JobKind(str, enum.Enum):
     train = "train"  # a training run: spec is a RunSpec
     probe = "probe"  # a backbone comparison: spec is a ProbeSpec
     label_issues = "label_issues"  # a search for wrong labels: spec is a LabelIssueSpec
+    batch_predict = "batch_predict"  # predictions over a folder of images (app.services.batch_predict)
 
 
 FINAL_STATUSES = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)

@@ -9,6 +9,7 @@ from app.db.models import FINAL_STATUSES, Artifact, Dataset, EpochMetric, JobKin
 from app.services import access
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
+from app.web import batch as batch_pages
 from app.web import label_issues as label_pages
 from app.web import lineage
 from app.web import probe as probe_pages
@@ -112,6 +113,7 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
         "has_reliability_png": "reliability" in kinds,
         "has_cm_png": "confusion_matrix" in kinds,
         "exports": _exports_view(summary, kinds) if succeeded and has_model else [],
+        **batch_pages.context(session, user, job),
         "page_data": {"id": job.id, "status": job.status, "final": job.status in FINAL_STATUSES,
                       "metrics": metrics, "total_epochs": job.total_epochs,
                       "search": search.model_dump(mode="json") if search is not None else None,

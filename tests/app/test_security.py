@@ -404,6 +404,7 @@ EXPECTED_WRITES = {("POST", "/api/v1/datasets"): 201, ("POST", "/api/v1/jobs"): 
                    ("POST", "/api/v1/datasets/{dataset_id}/versions"): 400,  # past auth: no such file
                    ("POST", "/api/v1/jobs/{job_id}/cancel"): 200,
                    ("POST", "/api/v1/jobs/{job_id}/predict"): 503,  # no inference service here: past auth
+                   ("POST", "/api/v1/jobs/{job_id}/batch-predict"): 400,  # no images sent: past auth
                    # the job has no calibration to choose an operating point on: past auth
                    ("PUT", "/api/v1/jobs/{job_id}/operating-point"): 409,
                    ("DELETE", "/api/v1/datasets/{dataset_id}"): 204, ("DELETE", "/api/v1/jobs/{job_id}"): 204,

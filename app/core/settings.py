@@ -31,6 +31,8 @@ class Settings(BaseSettings):
                                    "object storage, per process: past this, the least recently used go (0: no "
                                    "limit)")
     max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted upload")
+    max_batch_images: int = Field(100_000, ge=1, description="Most images one batch prediction takes "
+                                                             "(POST /api/v1/jobs/{id}/batch-predict)")
     max_extracted_bytes: int = Field(8 << 30, ge=1, description="Largest total size of an extracted zip")
     max_zip_entries: int = Field(200_000, ge=1)
     max_user_upload_bytes: int = Field(20 << 30, ge=1, description="Largest total size of the resumable uploads "

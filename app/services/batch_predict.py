@@ -41,12 +41,11 @@ log = logging.getLogger(__name__)
 BATCH = JobKind.batch_predict.value
 RESULTS = {"csv": "results_csv", "zip": "results_zip"}  # GET .../results.<ext> -> artifact kind
 INPUTS = "batch-inputs"  # storage prefix of the images waiting for their job
-DEFAULT_MAX_IMAGES = 100_000
 
 
 def max_images(settings: Settings) -> int:
-    """Images per batch: GRAFT_MAX_BATCH_IMAGES when the settings have it, else DEFAULT_MAX_IMAGES."""
-    return int(getattr(settings, "max_batch_images", 0) or DEFAULT_MAX_IMAGES)
+    """Images per batch (GRAFT_MAX_BATCH_IMAGES)."""
+    return settings.max_batch_images
 
 
 def model_job(session: Session, user: User, job_id: int) -> tuple[Job, Artifact]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep
@@ -87,6 +88,8 @@ def job_page(job_id: str, request: Request, session: SessionDep, settings: Setti
         return probe_pages.job_page(request, job, user, can_edit)
     if job.kind == JobKind.label_issues.value:
         return label_pages.job_page(request, session, job, user)
+    if job.kind == JobKind.batch_predict.value:  # shown on the card of the training job it predicts with
+        return RedirectResponse(f"/jobs/{int((job.spec or {}).get('model_job_id') or 0)}#batch-predict", status_code=303)
     metrics = [_metric_dict(m) for m in session.scalars(
         select(EpochMetric).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch))]
     best_epoch = max((m["epoch"] for m in metrics if m["is_best"]), default=None)  # the saved one

@@ -166,7 +166,8 @@ def test_a_zip_with_a_corrupt_image_is_predicted_and_its_results_served(batch_st
     assert page.get(f"/login?token={login}", follow_redirects=False).status_code == 303
     html = page.get(f"/jobs/{train_id}").text
     assert 'id="batch-predict"' in html and f"/api/v1/jobs/{bid}/results.zip" in html and "/static/batch.js" in html
-    assert page.get(f"/jobs/{bid}").status_code == 200  # the batch job's own page (no card: it has no model)
+    r = page.get(f"/jobs/{bid}", follow_redirects=False)  # a batch job is shown on its training job's card
+    assert r.status_code == 303 and r.headers["location"] == f"/jobs/{train_id}#batch-predict"
     page.close()
     assert c.get(f"/api/v1/jobs/{bid}/evaluation").status_code == 404
 

@@ -313,6 +313,10 @@
       if (r.abstained) {
         out.prepend(el("div", "try-abstained", `None of these: ${r.abstain_reason || "not sure enough"}`));
       }
+      if (Array.isArray(r.labels)) {  // a multi-label model: the labels at or above their thresholds
+        out.prepend(el("div", "try-labels", r.labels.length
+          ? `Labels: ${r.labels.map((t) => t["class"]).join(", ")}` : "No label (none reaches its threshold)"));
+      }
       showHeatmap(out.figure, r.heatmap_png);
     }
 

@@ -100,6 +100,13 @@ def create_inference_app(data_dir: Path, cache_size: int = 4, settings: Any = No
                 return _error(400, "confidence_threshold must be a number from 0 to 1")
             if threshold is not None and not 0.0 <= threshold <= 1.0:
                 return _error(400, "confidence_threshold must be a number from 0 to 1")
+            try:  # a multi-label job's thresholds when an editor moved them (comma-separated, in label order)
+                raw = str(form.get("label_thresholds") or "")
+                label_thresholds = [float(x) for x in raw.split(",")] if raw else None
+            except ValueError:
+                return _error(400, "label_thresholds must be numbers from 0 to 1, comma-separated")
+            if label_thresholds is not None and not all(0.0 <= x <= 1.0 for x in label_thresholds):
+                return _error(400, "label_thresholds must be numbers from 0 to 1, comma-separated")
             files = [(f.filename or f"image{i}", f.file) for i, f in enumerate(form.getlist("files"))
                      if isinstance(f, UploadFile)]
 
@@ -112,8 +119,12 @@ def create_inference_app(data_dir: Path, cache_size: int = 4, settings: Any = No
                     return None, str(e)
                 t = time.perf_counter()
                 with predictor.lock:
-                    res = predictor.predict_sources(files, top_k=top_k, explain=explain,
-                                                    confidence_threshold=threshold)
+                    try:
+                        res = predictor.predict_sources(files, top_k=top_k, explain=explain,
+                                                        confidence_threshold=threshold,
+                                                        label_thresholds=label_thresholds)
+                    except ValueError as e:  # thresholds that do not fit the model's labels
+                        return None, str(e)
                 return (res, time.perf_counter() - t), None
 
             out, err = await run_in_threadpool(work)

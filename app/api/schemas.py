@@ -240,6 +240,10 @@ class Prediction(BaseModel):
     abstain_reason: str | None = None
     heatmap_png: str | None = Field(None, description="With explain=true: a base64 grayscale PNG at the image's "
                                     "size, brighter where the evidence for the top class is (Grad-CAM).")
+    labels: list[ClassProbability] | None = Field(None, description="Multi-label models: the labels at or above "
+                                                  "their thresholds, most probable first (maybe none).")
+    probabilities: dict[str, float] | None = Field(None, description="Multi-label models: every label's "
+                                                   "probability (sigmoid).")
 
 
 class PredictOut(BaseModel):

@@ -197,6 +197,8 @@ def request_kwargs(method: str, path: str, w: World) -> dict:
         return {"files": [("files", ("a.jpg", _jpeg(), "image/jpeg"))]}
     if (method, path) == ("PUT", "/api/v1/jobs/{job_id}/operating-point"):
         return {"json": {"confidence_threshold": 0.5}}
+    if (method, path) == ("PUT", "/api/v1/jobs/{job_id}/thresholds"):
+        return {"json": {"thresholds": {"a": 0.5}}}
     if (method, path) == ("POST", "/api/v1/workspaces"):
         return {"json": {"name": "shared"}}
     if (method, path) == ("POST", "/api/v1/workspaces/{workspace_id}/members"):
@@ -407,6 +409,7 @@ EXPECTED_WRITES = {("POST", "/api/v1/datasets"): 201, ("POST", "/api/v1/jobs"): 
                    ("POST", "/api/v1/jobs/{job_id}/batch-predict"): 400,  # no images sent: past auth
                    # the job has no calibration to choose an operating point on: past auth
                    ("PUT", "/api/v1/jobs/{job_id}/operating-point"): 409,
+                   ("PUT", "/api/v1/jobs/{job_id}/thresholds"): 409,  # not a multi-label model: past auth
                    ("DELETE", "/api/v1/datasets/{dataset_id}"): 204, ("DELETE", "/api/v1/jobs/{job_id}"): 204,
                    # alice is no admin, and her workspace is personal: refused past the CSRF check
                    ("POST", "/api/v1/workspaces"): 403, ("POST", "/api/v1/workspaces/{workspace_id}/members"): 409,

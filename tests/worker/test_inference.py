@@ -177,3 +177,84 @@ def test_predict_errors_are_clear(served):
     no_service = TestClient(create_app(stack.settings), headers=dict(stack.client.headers))
     r = no_service.post(f"/api/v1/jobs/{jid}/predict", files=[("files", (img.name, img.read_bytes(), "image/jpeg"))])
     assert r.status_code == 503 and "graft inference" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- a multi-label model (issue 16)
+
+
+@pytest.fixture(scope="module")
+def multilabel_job(served, tmp_path_factory):
+    """A labels.csv dataset of 2x2 grids of real photos, uploaded and trained through the same stack."""
+    from support import multilabel
+
+    stack, client, _, _ = served
+    data = multilabel.build(tmp_path_factory.mktemp("grids"), 60, tile=24, rates={"hand": 0.3})
+    buf = io.BytesIO()
+    import zipfile
+
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted(data.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(data).as_posix())
+    r = client.post("/api/v1/datasets", data={"name": "grids"}, files={"file": ("g.zip", buf.getvalue(), "application/zip")})
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert ds["task"] == "multilabel" and ds["classes"] == ["ant", "bee", "hand"], ds
+    with stack.log_on_failure():
+        job = stack.submit(ds["id"], strategy="features", epochs=20, image_size=48, batch_size=16)
+        stack.wait(job["id"], "succeeded")
+    return job["id"], data
+
+
+def test_a_multilabel_model_through_the_api(served, multilabel_job):
+    stack, client, _, _ = served
+    jid, data = multilabel_job
+    ev = client.get(f"/api/v1/jobs/{jid}/evaluation").json()
+    assert ev["task"] == "multilabel" and set(ev["metrics"]) == {"micro_f1", "macro_f1", "mAP", "subset_accuracy"}
+    assert set(ev["per_label"]) == set(ev["thresholds"]) == {"ant", "bee", "hand"}
+    assert ev["metrics"]["mAP"] > 0.6, ev["metrics"]
+    assert len(ev["scores"]) == len(ev["y_true"]) == ev["images"]
+    if ev["label_mistakes"]:
+        assert client.get(f"/api/v1/jobs/{jid}/mistakes/0.jpg").headers["content-type"] == "image/jpeg"
+
+    files = sorted((data / "images").glob("*.jpg"))[:3]
+    sent = [("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files]
+    r = client.post(f"/api/v1/jobs/{jid}/predict", files=sent)
+    assert r.status_code == 200, r.text
+    want = Predictor(stack.settings.data_dir / f"runs/{jid}/model.pt").predict(files)
+    for got, ref in zip(r.json()["results"], want):
+        assert set(got["probabilities"]) == {"ant", "bee", "hand"}
+        assert [x["class"] for x in got["labels"]] == [x["class"] for x in ref["labels"]]
+        for c, p in got["probabilities"].items():
+            assert p == pytest.approx(ref["probabilities"][c], abs=1e-5)
+
+    # an editor moves the thresholds: every label given, then predictions follow; a bad label is refused
+    r = client.put(f"/api/v1/jobs/{jid}/thresholds", json={"thresholds": {"ant": 0.0, "bee": 0.0, "hand": 0.0}})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["thresholds"] == {"ant": 0.0, "bee": 0.0, "hand": 0.0} and out["set_by"]
+    assert out["metrics"]["micro_f1"] < ev["metrics_at_half"]["micro_f1"] + 0.5  # (every label given: a real figure)
+    got = client.post(f"/api/v1/jobs/{jid}/predict", files=sent).json()["results"]
+    assert all(len(g["labels"]) == 3 for g in got)
+    assert client.get(f"/api/v1/jobs/{jid}/evaluation").json()["label_thresholds"]["thresholds"]["hand"] == 0.0
+    multiclass = served[2]
+    r = client.put(f"/api/v1/jobs/{multiclass}/thresholds", json={"thresholds": {"ants": 0.3}})
+    assert r.status_code == 409 and "operating-point" in r.text
+    bad = client.put(f"/api/v1/jobs/{jid}/thresholds", json={"thresholds": {"cat": 0.3}})
+    assert bad.status_code == 422 and "cat" in bad.text and "ant" in bad.text
+    assert client.put(f"/api/v1/jobs/{jid}/thresholds", json={"thresholds": {"ant": 1.5}}).status_code == 422
+    card = json.loads(client.get(f"/api/v1/jobs/{jid}/model", params={"format": "model_card"}).content)
+    assert card["thresholds"] == {"ant": 0.0, "bee": 0.0, "hand": 0.0}
+    r = client.put(f"/api/v1/jobs/{jid}/thresholds", json={"thresholds": ev["thresholds"]})
+    assert r.status_code == 200
+
+    # the job page: figures, a threshold slider per label, the gallery of missed and false labels
+    with stack.sessions() as s:
+        login = auth.create_token(s, auth.ensure_user(s, "queue-inference"), "pages", kind="login")
+    page = TestClient(create_app(stack.settings))
+    assert page.get(f"/login?token={login}", follow_redirects=False).status_code == 303
+    html = page.get(f"/jobs/{jid}").text
+    assert 'id="label-table"' in html and html.count('class="ml-threshold"') == 3 and "/static/multilabel.js" in html
+    assert 'id="ml-thresholds-save"' in html and "Set by queue-inference" in html and 'id="ml-map"' in html
+    assert ('id="label-mistakes-gallery"' in html) == bool(ev["label_mistakes"])
+    page.close()

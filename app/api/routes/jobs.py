@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
@@ -158,7 +158,11 @@ def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> Evalu
     """How good the model is on the val set: accuracy, confusion matrix (rows = true class), per-class
     precision/recall/F1/support, top-k accuracy (more than 5 classes), the most confident mistakes
     (each with an image URL), the exports with their ONNX parity figures, and each val image's true and
-    predicted class index (`y_true`, `y_pred`, in sorted file order; `val_set` identifies those files)."""
+    predicted class index (`y_true`, `y_pred`, in sorted file order; `val_set` identifies those files).
+    Multi-label models (`task` "multilabel"): `metrics` (micro_f1, macro_f1, mAP, subset_accuracy at the tuned
+    thresholds, cross-fitted), `metrics_at_half`, `per_label` (precision, recall, F1, AP, support, threshold and
+    confusion counts), `thresholds`, `label_mistakes` (missed and false labels), `y_true`/`y_pred` as label bit
+    masks, `scores` (each val image's probabilities) and `label_thresholds` when an editor moved them."""
     job = service.get_owned(session, user, job_id)
     if job.kind == JobKind.probe.value:
         raise NotFound(f"job {job_id} compares backbones and trains no model, so it has no evaluation: its "
@@ -184,6 +188,9 @@ def job_evaluation(job_id: int, session: SessionDep, user: CurrentUser) -> Evalu
         extra["abstain"]["false_accept_rate"] = (op or {}).get("false_accept_rate", junk.get("false_accept_rate"))
     if trust.get("calibration") and service.has_artifact(session, job_id, "reliability"):
         extra["reliability_png"] = f"/api/v1/jobs/{job_id}/reliability.png"
+    moved = (job.result or {}).get("label_thresholds")
+    if report.task == "multilabel" and isinstance(moved, dict):  # an editor moved them (PUT .../thresholds)
+        extra["label_thresholds"] = moved
     return EvaluationOut(**{k: v for k, v in report.to_json().items() if k != "mistakes"}, job_id=job_id,
                          mistakes=mistakes, confusion_matrix_png=f"/api/v1/jobs/{job_id}/confusion_matrix.png",
                          exports=summary.exports if summary is not None else [], **extra)
@@ -206,10 +213,13 @@ def reliability_png(job_id: int, session: SessionDep, settings: SettingsDep, use
 
 @router.get("/{job_id}/mistakes/{n}.jpg", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **errors(404)})
 def mistake_image(job_id: int, n: int, session: SessionDep, settings: SettingsDep, user: CurrentUser):
-    """A thumbnail of the n-th misclassified val image."""
+    """A thumbnail of the n-th misclassified val image (multi-label: of the n-th image with a missed or a false
+    label)."""
     job = service.get_owned(session, user, job_id)
     summary = RunSummary.from_stored(job.result)
-    mistakes = summary.report.mistakes if summary is not None and summary.report is not None else []
+    report = summary.report if summary is not None else None
+    mistakes: list[Any] = [] if report is None else (report.label_mistakes or []) if report.task == "multilabel" \
+        else report.mistakes
     if not 0 <= n < len(mistakes):
         raise NotFound(f"job {job_id} has no misclassified image number {n}")
     from app.services import thumbs
@@ -227,7 +237,8 @@ async def predict(job_id: int, request: Request, session: SessionDep, settings: 
     """Classify one or more images (multipart field `files`, repeated) with the job's model: per image the
     top-k classes with calibrated probabilities, `abstained` and `ood_score` (models trained with trust data),
     or an error for that image alone. `?explain=true` adds `heatmap_png` to each result: where the model looked
-    (Grad-CAM), a base64 grayscale PNG at the image's width and height."""
+    (Grad-CAM), a base64 grayscale PNG at the image's width and height. A multi-label model's results add
+    `labels` (those at or above their thresholds, most probable first; maybe none) and `probabilities`."""
     art = service.artifact(session, user, job_id, "model")
     _artifact_file(settings, art)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -245,9 +256,13 @@ async def predict(job_id: int, request: Request, session: SessionDep, settings: 
     finally:
         await form.close()
     form_data = {"model": art.path, "top_k": str(top_k), "explain": "true" if explain else ""}
-    threshold = operating_point.confidence_threshold(service.get_owned(session, user, job_id))
+    job = service.get_owned(session, user, job_id)
+    threshold = operating_point.confidence_threshold(job)
     if threshold is not None:  # the operating point an editor chose (else the model file's default)
         form_data["confidence_threshold"] = str(threshold)
+    moved = operating_point.label_thresholds(job)
+    if moved is not None:  # a multi-label job's thresholds an editor moved (else the model file's)
+        form_data["label_thresholds"] = ",".join(repr(x) for x in moved)
     if not settings.inference_url:
         raise ServiceUnavailable("no inference service is configured: run `graft inference` and set "
                                  "GRAFT_INFERENCE_URL (graft serve does both)")

@@ -194,3 +194,46 @@ def metrics_at(probs: npt.ArrayLike, targets: npt.ArrayLike, classes: Sequence[s
     p = np.asarray(probs, dtype=np.float64)
     th = np.asarray(thresholds, dtype=np.float64)
     return _scores(p >= th - 1e-12, np.asarray(targets, dtype=bool), p, classes, th)
+
+
+# ---------------------------------------------------------------- bootstrap (the run comparison)
+
+
+def bootstrap_weights(n: int, resamples: int, seed: int) -> npt.NDArray[np.float64]:
+    """[resamples, n] how often each image is drawn in each resample (a percentile bootstrap over images; the
+    same seed and n give the same draws, so two runs on the same val images are resampled in pairs)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64) if n else np.zeros((resamples, 0))
+
+
+def micro_f1_samples(targets: npt.ArrayLike, pred: npt.ArrayLike, weights: npt.NDArray[np.float64]) -> FloatArray:
+    t, p = np.asarray(targets, dtype=bool), np.asarray(pred, dtype=bool)
+    per = np.stack([(p & t).sum(1), (p & ~t).sum(1), (~p & t).sum(1)], axis=1).astype(np.float64)
+    tp, fp, fn = (weights @ per).T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tp > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+
+
+def map_samples(scores: npt.ArrayLike, targets: npt.ArrayLike, weights: npt.NDArray[np.float64]) -> FloatArray:
+    """mAP of each resample: per label, the images sorted once by score, then each resample's weighted
+    precision at every positive (a drawn image counts as many times as it is drawn)."""
+    s, t = np.asarray(scores, dtype=np.float64), np.asarray(targets, dtype=bool)
+    aps = []
+    for c in range(s.shape[1]):
+        order = np.argsort(-s[:, c], kind="stable")
+        hit = t[order, c].astype(np.float64)
+        w = weights[:, order]
+        seen = np.cumsum(w, axis=1)
+        right = np.cumsum(w * hit, axis=1)
+        pos = (w * hit).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ap = np.where(pos > 0, (w * hit * (right / np.maximum(seen, 1e-12))).sum(1) / np.maximum(pos, 1e-12),
+                          np.nan)
+        aps.append(ap)
+    out = np.nanmean(np.stack(aps), axis=0) if aps else np.zeros(len(weights))
+    return np.nan_to_num(out)
+
+
+def from_masks(masks: Sequence[int], n_classes: int) -> BoolArray:
+    """The [images, classes] labels of stored bit masks (`y_true`, `y_pred`)."""
+    return np.array([[bool(m >> c & 1) for c in range(n_classes)] for m in masks], dtype=bool).reshape(-1, n_classes)

@@ -259,6 +259,8 @@ class CompareMetrics(BaseModel):
     val_images: int
     val_right: int
     macro_f1: float | None = None
+    micro_f1: float | None = Field(None, description="Multi-label jobs: micro F1, with micro_f1_low/high (95%).")
+    mAP: float | None = Field(None, description="Multi-label jobs: mean average precision, with mAP_low/high.")
     val_loss: float | None = None
     best_epoch: int | None = None
     epochs_run: int | None = None
@@ -308,6 +310,8 @@ class CompareDifference(BaseModel):
     images: int
     real: bool = Field(description="Whether the interval excludes zero.")
     sentence: str
+    multilabel: dict[str, Any] | None = Field(None, description="Multi-label jobs on the same val images: paired "
+                                              "bootstrap differences in micro_f1 and mAP ({diff, low, high, real}).")
 
 
 class CompareOut(BaseModel):

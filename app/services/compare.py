@@ -16,6 +16,10 @@ The statistics (numpy only, never torch):
   a wider interval, as it ignores that the two jobs saw the same images.
 
 A difference is "real" when its 95% interval excludes zero, "within noise" when it includes it.
+
+Multi-label jobs (issue 16): their val accuracy is the subset accuracy (an image is right when every label is),
+and each job also gets percentile bootstrap intervals on its micro F1 and mAP (ML_RESAMPLES resamples of its val
+images), with paired differences when two jobs were validated on the same images (the same draws for both).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from sqlalchemy.orm import Session
 from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
 from app.db.models import EpochMetric, Job, JobStatus, User
 from app.services import access
+from domain import multilabel as ml
 from domain.clock import iso_utc
 from domain.results import RunSummary
 from domain.spec import RunSpec
@@ -38,6 +43,7 @@ MAX_JOBS = 8
 RESAMPLES = 10_000
 SEED = 20240607  # fixed: the same jobs always get the same intervals
 LEVEL = 0.95
+ML_RESAMPLES = 2_000  # micro F1 and mAP need the images themselves resampled, not counts
 IDS_HELP = "ids=3,5 (2 to 8 job ids, comma-separated, the first is the baseline)"
 
 
@@ -157,9 +163,14 @@ _utc = iso_utc
 
 def _outcomes(report: dict) -> tuple[int, int, np.ndarray | None]:
     """(right, images, per-image right/wrong in the report's fixed order or None) of a job's report."""
+    yt, yp = report.get("y_true"), report.get("y_pred")
+    if report.get("task") == "multilabel":  # right: every label of the image (the subset accuracy)
+        if not isinstance(yt, list) or not isinstance(yp, list) or len(yt) != len(yp):
+            return 0, 0, None
+        right = np.asarray(yt) == np.asarray(yp)
+        return int(right.sum()), len(yt), right if report.get("val_set") else None
     cm = np.asarray(report.get("confusion_matrix") or [[0]], dtype=np.int64)
     n, k = int(cm.sum()), int(np.trace(cm))
-    yt, yp = report.get("y_true"), report.get("y_pred")
     if isinstance(yt, list) and isinstance(yp, list) and len(yt) == len(yp) == n and report.get("val_set"):
         return k, n, np.asarray(yt) == np.asarray(yp)
     return k, n, None
@@ -179,6 +190,54 @@ def difference(base: dict, other: dict, resamples: int = RESAMPLES, seed: int = 
     else:
         out["reason"] = "the jobs were validated on different images (a different val split)"
     return out
+
+
+def _ml_samples(report: dict, resamples: int, seed: int) -> dict[str, np.ndarray] | None:
+    """A multi-label report's bootstrap samples of micro F1 and mAP (mAP only when its scores are stored)."""
+    classes = report.get("classes") or []
+    yt, yp = report.get("y_true") or [], report.get("y_pred") or []
+    if report.get("task") != "multilabel" or not yt or len(yt) != len(yp):
+        return None
+    t, pred = ml.from_masks(yt, len(classes)), ml.from_masks(yp, len(classes))
+    w = ml.bootstrap_weights(len(yt), resamples, seed)
+    out = {"micro_f1": ml.micro_f1_samples(t, pred, w)}
+    scores = report.get("scores") or []
+    if len(scores) == len(yt):
+        out["mAP"] = ml.map_samples(scores, t, w)
+    return out
+
+
+def multilabel_figures(reports: list[dict], resamples: int = ML_RESAMPLES, seed: int = SEED
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per job: micro F1 and mAP with their intervals; per other job: the paired differences from the baseline
+    (on the same val images), or why there are none."""
+    samples = [_ml_samples(r, resamples, seed) for r in reports]
+    jobs = []
+    for r, smp in zip(reports, samples):
+        m = r.get("metrics") or {}
+        row: dict[str, Any] = {}
+        for name in ("micro_f1", "mAP"):
+            if smp is not None and name in smp:
+                lo, hi = _interval(smp[name], LEVEL)
+                row.update({name: m.get(name), f"{name}_low": lo, f"{name}_high": hi})
+        jobs.append(row)
+    diffs = []
+    base, sb = reports[0], samples[0]
+    for r, smp in zip(reports[1:], samples[1:]):
+        d: dict[str, Any] = {}
+        same = base.get("val_set") and base.get("val_set") == r.get("val_set") and base.get("y_true") == r.get("y_true")
+        for name in ("micro_f1", "mAP"):
+            if sb is None or smp is None or name not in sb or name not in smp:
+                continue
+            if not same:
+                d["reason"] = "the jobs were validated on different images: only each job's own intervals"
+                continue
+            diff = smp[name] - sb[name]
+            lo, hi = _interval(diff, LEVEL)
+            d[name] = {"diff": float((r.get("metrics") or {}).get(name, 0) - (base.get("metrics") or {}).get(name, 0)),
+                       "low": lo, "high": hi, "real": not lo <= 0.0 <= hi}
+        diffs.append(d)
+    return jobs, diffs
 
 
 def _param_value(spec: dict, name: str) -> Any:
@@ -221,12 +280,13 @@ def per_class(reports: list[dict]) -> list[dict]:
     """F1 of every class for each job, and its difference from the baseline's (the first job)."""
     classes: list[str] = []
     for r in reports:
-        classes += [c for c in (r.get("classes") or list(r.get("per_class") or {})) if c not in classes]
+        classes += [c for c in (r.get("classes") or list(r.get("per_class") or r.get("per_label") or {}))
+                    if c not in classes]
     rows = []
     for c in classes:
-        f1 = [((r.get("per_class") or {}).get(c) or {}).get("f1") for r in reports]
-        support = next((((r.get("per_class") or {}).get(c) or {}).get("support") for r in reports
-                        if c in (r.get("per_class") or {})), None)
+        f1 = [((r.get("per_class") or r.get("per_label") or {}).get(c) or {}).get("f1") for r in reports]
+        support = next((((r.get("per_class") or r.get("per_label") or {}).get(c) or {}).get("support") for r in reports
+                        if c in (r.get("per_class") or r.get("per_label") or {})), None)
         base = f1[0]
         rows.append({"class": c, "support": support, "f1": f1,
                      "diff": [None if i == 0 or v is None or base is None else v - base for i, v in enumerate(f1)]})
@@ -309,15 +369,20 @@ def compare(session: Session, user: User, raw_ids: str | Iterable[str] | None,
             "per_image": right is not None, "val_set": rep.get("val_set") if right is not None else None,
             "curves": curves[j.id],
         })
+    ml_jobs, ml_diffs = multilabel_figures(reports) if any(r.get("task") == "multilabel" for r in reports) else \
+        ([{} for _ in reports], [{} for _ in reports[1:]])
+    for oj, extra in zip(out_jobs, ml_jobs):
+        oj["metrics"].update(extra)
     base, base_acc = jobs[0], out_jobs[0]["metrics"]["val_acc"]
     comparisons = []
-    for j, rep, oj in zip(jobs[1:], reports[1:], out_jobs[1:]):
+    for j, rep, oj, mld in zip(jobs[1:], reports[1:], out_jobs[1:], ml_diffs):
         d = difference(reports[0], rep, resamples, seed)
         if j.dataset_id != base.dataset_id and str(d.get("reason", "")).startswith("the jobs were validated on"):
             d["reason"] = (f"the jobs trained on different versions of the dataset (v{base.dataset_version} and "
                            f"v{j.dataset_version}), whose val images or labels differ")
         real, sentence = verdict(d, base.id, j.id, base_acc, oj["metrics"]["val_acc"])
-        comparisons.append({"job_id": j.id, "baseline_id": base.id, **d, "real": real, "sentence": sentence})
+        comparisons.append({"job_id": j.id, "baseline_id": base.id, **d, "real": real, "sentence": sentence,
+                            **({"multilabel": mld} if mld else {})})
     params = parameters([j.spec or {} for j in jobs])
     return {
         "dataset": {"id": base.dataset_id, "name": base.dataset.name if base.dataset else None},

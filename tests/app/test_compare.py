@@ -504,3 +504,30 @@ def test_compare_two_jobs_trained_by_the_worker(tmp_path: Path, tiny_slice: Path
         alice.close()
     finally:
         w.client.close()
+
+
+def test_multilabel_jobs_get_micro_f1_and_map_intervals_and_paired_differences():
+    """Two multi-label reports on the same 200 val images: one whose scores follow the labels, one noisier."""
+    from app.services.compare import _outcomes, multilabel_figures
+    from domain import multilabel as ml
+
+    rng = np.random.default_rng(3)
+    t = rng.random((200, 3)) < 0.4
+    files = [f"images/{i:04d}.jpg" for i in range(200)]
+    good = np.clip(t * 0.4 + rng.random((200, 3)) * 0.6, 0, 1)
+    bad = np.clip(t * 0.15 + rng.random((200, 3)) * 0.85, 0, 1)
+    a, b = (ml.evaluation(p, t, files, ["x", "y", "z"]) for p in (good, bad))
+    jobs, diffs = multilabel_figures([a, b], resamples=500)
+    for rep, row in zip((a, b), jobs):
+        assert row["micro_f1"] == rep["metrics"]["micro_f1"] and row["mAP"] == rep["metrics"]["mAP"]
+        assert row["micro_f1_low"] <= row["micro_f1"] <= row["micro_f1_high"] < 1.0
+        assert row["mAP_low"] <= row["mAP"] <= row["mAP_high"]
+    (d,) = diffs
+    assert d["mAP"]["diff"] < 0 and d["mAP"]["high"] < 0 and d["mAP"]["real"], d  # clearly worse, and said so
+    assert d["micro_f1"]["low"] <= d["micro_f1"]["diff"] <= d["micro_f1"]["high"]
+    same, _ = multilabel_figures([a, a], resamples=200)[1][0]["micro_f1"], None
+    assert same["diff"] == 0 and same["low"] == same["high"] == 0 and not same["real"]
+    k, n, right = _outcomes(a)  # accuracy: every label of an image right
+    assert n == 200 and k / n == pytest.approx(a["metrics"]["subset_accuracy"]) and right is not None
+    other = dict(b, val_set="another")
+    assert "different images" in multilabel_figures([a, other], resamples=100)[1][0]["reason"]

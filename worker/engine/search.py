@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from domain.callbacks import Callbacks
 from domain.errors import RunStopped
@@ -35,7 +34,7 @@ from domain.results import LrRangeTest, SearchReport, SearchTrial
 from domain.spec import RunSpec
 
 from . import freeze
-from .loop import train_epoch_on_features
+from .loop import Weighting, hits, train_epoch_on_features, val_loss
 from .lr_find import lr_range_test
 from .schedules import phase_scheduler
 
@@ -62,7 +61,7 @@ class HeadData:
     train_labels: list[int]
     val_feats: torch.Tensor
     val_labels: list[int]
-    class_weights: torch.Tensor | None
+    class_weights: Weighting  # or the multi-label objective (loop.MultiLabel)
     batch_size: int
     device: torch.device
 
@@ -139,11 +138,11 @@ def fit_head(initial_head: torch.nn.Module, data: HeadData, spec: RunSpec, phase
         head.eval()
         with torch.inference_mode():
             logits = head(val).float().cpu()
-        vl = F.cross_entropy(logits, yv).item()
+        vl = val_loss(logits, yv, data.class_weights)
         if not math.isfinite(vl):  # diverged: no later epoch comes back
             break
         if vl < best_loss - 1e-6:  # as the run decides its best epoch
-            best_loss, best_acc, best_epoch, bad = vl, (logits.argmax(1) == yv).float().mean().item(), epoch, 0
+            best_loss, best_acc, best_epoch, bad = vl, hits(logits, yv, data.class_weights) / max(len(yv), 1), epoch, 0
             best_state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
         else:
             bad += 1
@@ -260,7 +259,7 @@ class TunableRun(Protocol):
     @property
     def val_labels(self) -> list[int]: ...
     @property
-    def class_weights(self) -> torch.Tensor | None: ...
+    def class_weights(self) -> Weighting: ...
 
     def batch_size(self, on_features: bool) -> int: ...
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import typer
 
+from domain.exports import AFTER_TRAINING
+
 weights_app = typer.Typer(help="Manage pretrained weights (for servers without internet access).",
                           no_args_is_help=True)
 
@@ -298,7 +300,8 @@ def export(
     data: Path | None = typer.Option(None, help="The dataset folder: its val images check the ONNX export "
                                                    "(default: random inputs)."),
     out: Path | None = typer.Option(None, help="Output folder (default: next to the model)."),
-    formats: str = typer.Option("torchscript,onnx", help="Comma-separated: torchscript, onnx."),
+    formats: str = typer.Option(",".join(AFTER_TRAINING), help="Comma-separated: " + ", ".join(AFTER_TRAINING)
+                                + " (each checked on the val images in its own runtime)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Export a trained model to TorchScript and ONNX (checked against PyTorch with onnxruntime), with its model card."""

@@ -37,11 +37,19 @@ class _Named:
         self.name = name
 
 
+# JPEGs are decoded at a reduced scale (Pillow's draft mode: DCT scaling by 1/2, 1/4, 1/8) only down to
+# DRAFT_MARGIN times the size asked for, so that the antialiased resize after it does most of the reduction:
+# measured on a 4000x3000 JPEG resized to 256, the decode took 15 ms at margin 1 (up to 9 levels off a full
+# decode), 41 ms at margin 3 (2 levels off), 124 ms in full; on 500x375 photos resized to 73, margin 1 was up to
+# 115 levels off (mean 3.6) and margin 3 decodes them in full.
+DRAFT_MARGIN = 3
+
+
 def load_image(path: str | Path | BinaryIO, min_short_side: int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Open an image (a path, or a binary file object named by `name`) safely: refuse decompression
     bombs, apply EXIF orientation, convert any mode to RGB. With `min_short_side`, JPEGs are decoded at a
-    reduced scale that still covers it (faster). Raises ImageError with the reason for anything unusable."""
+    reduced scale that still covers DRAFT_MARGIN times it (faster); without, in full. Raises ImageError with the reason for anything unusable."""
     source: Path | BinaryIO
     named: Path | _Named
     if isinstance(path, (str, Path)):
@@ -62,7 +70,7 @@ def load_image(path: str | Path | BinaryIO, min_short_side: int | None = None,
                 raise ImageError(f"{named.name}: {w}x{h} pixels is over the limit of {max_pixels} "
                                  "(a decompression bomb or a huge scan): resize it below that")
             if min_short_side and img.format == "JPEG":
-                scale = min(w, h) / min_short_side
+                scale = min(w, h) / (min_short_side * DRAFT_MARGIN)
                 if scale >= 2:
                     img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
             img.load()

@@ -125,12 +125,25 @@ class Parity(Result):
 
 
 class ExportCheck(Result):
-    """One export of a trained model: whether it is offered, and why not."""
+    """One export of a trained model, checked in its own runtime on the val images right after training:
+    whether it is offered, and why not, with its figures (None in results from before they were measured)."""
 
     format: str
     ok: bool
     error: str | None = None
     parity: Parity | None = None
+    accuracy: float | None = Field(None, description="Val accuracy of the export in its own runtime, on raw "
+                                                     "decoded images (its preprocessing inside).")
+    reference_accuracy: float | None = Field(None, description="The PyTorch model's val accuracy on the same "
+                                                               "images through Graft's own preprocessing.")
+    latency_ms: float | None = Field(None, description="Batch-1 latency on the worker (median, one thread), "
+                                                       "preprocessing included.")
+    size_bytes: int | None = None
+    seconds: float | None = Field(None, description="Time it took to write and check this export.")
+    tolerance: dict[str, float] | None = Field(None, description="What the check allowed: max_prob_diff, "
+                                                                 "min_top1_agreement (on the images that are not "
+                                                                 "near ties).")
+    note: str | None = None
 
 
 # ---------------------------------------------------------------- a training run
@@ -191,6 +204,9 @@ class ProbeRow(Result):
     cached: bool | None = None
     l2: float | None = None
     cv_acc: float | None = None
+    mAP: float | None = Field(None, description="Multi-label data: the probe's val mAP (the leaderboard's order); "
+                                                "val_acc is then the subset accuracy at 0.5.")
+    micro_f1: float | None = None
     train_images: int | None = None
     val_images: int | None = None
     skipped: list[str] = Field(default_factory=list)

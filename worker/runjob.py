@@ -174,7 +174,7 @@ def run_train(a: Attempt) -> str:
     # early stopping ended it before its maximum: the epochs it ran are the job's epochs ("epoch 39 of 39")
     reporter._update(stage="export", progress=reporter._forward(1.0), eta_seconds=None,
                      current_epoch=result.epochs_run, total_epochs=result.epochs_run)
-    exports = _export(reporter, out, result.val_files)
+    exports = _export(reporter, out, result.val_files, result.classes, a.data_dir, settings.export_list)
     with S() as s:
         if not reporter._owns(s):
             return "superseded"
@@ -227,17 +227,31 @@ JOB_KINDS: dict[str, Callable[[Attempt], str]] = {JobKind.train.value: run_train
                                                   JobKind.batch_predict.value: run_batch_predict}
 
 
-def _export(reporter: Reporter, out, val_files: list[str]) -> list[dict]:
-    """TorchScript and ONNX (checked against PyTorch on the val images) next to model.pt. A failed export is
-    recorded with its reason and figures; it never fails the job."""
+def _export(reporter: Reporter, out, val_files: list[str], classes: list[str] | None = None,
+            data_dir=None, formats: list[str] | tuple[str, ...] = AFTER_TRAINING) -> list[dict]:
+    """The `formats` (GRAFT_EXPORT_FORMATS; default AFTER_TRAINING) next to model.pt, each checked in its runtime on the val images (labelled by
+    their class folder, `val/<class>/file`: accuracies) and int8 calibrated on the dataset's train images. A
+    failed export is recorded with its reason and figures; it never fails the job."""
     from worker.engine.export import export_all
 
+    paths = [Path(p) for p in val_files]
+    index = {c: i for i, c in enumerate(classes or [])}
+    labels = [index.get(p.parent.name) for p in paths]
+    train: list[Path] = []
+    if data_dir is not None:
+        try:
+            from domain.layout import discover
+
+            train = [p for p, _ in discover(Path(data_dir)).train]
+        except Exception as e:  # calibration falls back to the val images
+            log.warning("no train images for the int8 calibration: %s", e)
     try:
-        results = [r.to_dict() for r in export_all(out / "model.pt", out, [Path(p) for p in val_files])]
+        results = [r.to_dict() for r in export_all(out / "model.pt", out, paths, formats=formats,
+                                                   check_labels=labels, calibration_paths=train)]
     except Exception as e:  # an exporter bug must not lose a trained model
         log.exception("exports failed")
         return [{"format": f, "path": None, "ok": False, "error": f"export crashed: {type(e).__name__}: {e}",
-                 "parity": None} for f in AFTER_TRAINING]
+                 "parity": None} for f in formats]
     for r in results:
         if not r["ok"]:
             reporter.on_message(f"{r['format']} export failed: {r['error']}")

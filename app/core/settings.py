@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from domain.exports import AFTER_TRAINING, EXPORT_FORMATS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRAFT_", env_file=".env", extra="ignore")
@@ -75,6 +77,23 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(None, description="A bearer token for Prometheus to read /metrics (admins' "
                                       "tokens work too)")
     oidc_name: str = Field("single sign-on", description="The provider's name on the button")
+    export_formats: str = Field(",".join(AFTER_TRAINING), description="The formats a worker exports (and checks) "
+                                "after each training run, comma-separated (GRAFT_EXPORT_FORMATS); the others "
+                                "are not offered for that job")
+
+    @field_validator("export_formats", mode="after")
+    @classmethod
+    def _known_formats(cls, v: str) -> str:
+        names = [f.strip() for f in v.split(",") if f.strip()]
+        unknown = [f for f in names if f not in EXPORT_FORMATS or f in ("pytorch", "model_card")]
+        if unknown:
+            raise ValueError(f"unknown export format(s) {', '.join(unknown)} in GRAFT_EXPORT_FORMATS: choose from "
+                             f"{', '.join(AFTER_TRAINING)}")
+        return ",".join(names)
+
+    @property
+    def export_list(self) -> list[str]:
+        return [f for f in self.export_formats.split(",") if f]
 
     @field_validator("public_url", mode="after")
     @classmethod

@@ -61,20 +61,47 @@ def _metric_dict(m: EpochMetric) -> dict:
             "seconds": m.seconds, "elapsed": m.elapsed, "eta": m.eta, "is_best": m.is_best}
 
 
+def _relative(e, base) -> str | None:
+    """One export against ONNX fp32 ("3.4x smaller, 1.3x faster, accuracy -0.2 points"), from their checks."""
+    parts = []
+    if e.size_bytes and base.size_bytes:
+        r = base.size_bytes / e.size_bytes
+        parts.append(f"{r:.1f}x smaller" if r >= 1.05 else f"{1 / r:.1f}x larger" if r <= 1 / 1.05 else "same size")
+    if e.latency_ms and base.latency_ms:
+        r = base.latency_ms / e.latency_ms
+        parts.append(f"{r:.1f}x faster" if r >= 1.05 else f"{1 / r:.1f}x slower" if r <= 1 / 1.05
+                     else "as fast")
+    if e.accuracy is not None and base.accuracy is not None:
+        parts.append(f"accuracy {(e.accuracy - base.accuracy) * 100:+.1f} points")
+    return ", ".join(parts) or None
+
+
 def _exports_view(summary: RunSummary | None, kinds: set[str]) -> list[dict]:
     """One row per download format: ok (a file to download), failed (the recorded reason and figures, no
-    download) or missing. Jobs from before the exports existed offer the PyTorch file alone."""
+    download) or missing, with each check's figures (accuracy in its runtime against PyTorch's, agreement,
+    latency, size) and, for the other formats, a line relative to ONNX fp32. Jobs from before the exports
+    existed offer the PyTorch file alone."""
     recorded = {e.format: e for e in summary.exports} if summary is not None else {}
     has_exports = summary is not None and "exports" in summary.model_fields_set
+    base = recorded.get("onnx")
     rows = []
     for f in EXPORT_FORMATS.values():
         if f.name != "pytorch" and not has_exports:
             continue
         e = recorded.get(f.name)
         state = "failed" if e is not None and not e.ok else "ok" if f.artifact in kinds else "missing"
+        figures = None
+        if e is not None and (e.latency_ms is not None or e.size_bytes is not None or e.accuracy is not None):
+            figures = {"accuracy": e.accuracy, "reference_accuracy": e.reference_accuracy,
+                       "latency_ms": e.latency_ms, "size_bytes": e.size_bytes}
+        relative = None
+        if e is not None and base is not None and f.name not in ("onnx", "model_card", "pytorch"):
+            line = _relative(e, base)
+            relative = f"{f.title}: {line}" if line else None
         rows.append({"format": f.name, "title": f.title, "ext": f.suffix, "text": f.text, "state": state,
                      "error": e.error if e is not None else None,
-                     "parity": e.parity.to_json() if e is not None and e.parity is not None else None})
+                     "parity": e.parity.to_json() if e is not None and e.parity is not None else None,
+                     "figures": figures, "relative": relative})
     return rows
 
 

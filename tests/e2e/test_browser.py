@@ -82,7 +82,7 @@ def server(tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
     # progress written 4 times a second (default: every 2 s), so that a short job still shows it moving
-    env.update(GRAFT_DATA_DIR=str(home / "data"), GRAFT_OFFLINE="1", PYTHONUNBUFFERED="1",
+    env.update(GRAFT_DATA_DIR=str(home / "data"), GRAFT_OFFLINE="1", GRAFT_EXPORT_FORMATS="torchscript,onnx", PYTHONUNBUFFERED="1",
                GRAFT_CACHE_DIR=str(home / "cache"), GRAFT_PROGRESS_INTERVAL_S="0.25")
     log = home / "serve.log"
     with open(log, "wb") as f:

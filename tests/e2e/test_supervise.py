@@ -31,7 +31,7 @@ def test_a_killed_worker_is_started_again_and_its_job_resumes(tmp_path: Path):
         pytest.fail(f"the shared dataset {HYMENOPTERA} is missing")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
-    env.update(GRAFT_DATA_DIR=str(tmp_path / "data"), GRAFT_OFFLINE="1", PYTHONUNBUFFERED="1", **FAST)
+    env.update(GRAFT_DATA_DIR=str(tmp_path / "data"), GRAFT_OFFLINE="1", GRAFT_EXPORT_FORMATS="torchscript,onnx", PYTHONUNBUFFERED="1", **FAST)
     log = tmp_path / "serve.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen([str(GRAFT), "serve", "--port", str(port)], env=env, cwd=tmp_path,

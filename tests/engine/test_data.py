@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from domain.errors import DataError, ImageError
+from domain.images import DRAFT_MARGIN
 from worker.engine.backbones import Preprocessing
 from worker.engine.data import (
     ImageDataset,
@@ -458,10 +459,13 @@ def test_load_image_jpeg_draft_keeps_short_side(tmp_path, min_short):
     p = _noise_jpeg(tmp_path / "n.jpg", size=(400, 300))
     img = load_image(p, min_short_side=min_short)
     assert img.mode == "RGB"
-    assert min(img.size) >= min_short
-    if min_short <= 100:  # 3x or more smaller than the image: decoded at a reduced scale
+    assert min(img.size) >= min_short * DRAFT_MARGIN or img.size == (400, 300)  # the resize does the rest
+    if min_short * DRAFT_MARGIN * 2 <= 300:  # twice that margin or more smaller: decoded at a reduced scale
         assert img.size[0] < 400
         assert abs(img.size[0] / img.size[1] - 4 / 3) < 0.05  # aspect kept
+    else:
+        assert img.size == (400, 300)
+    assert load_image(p).size == (400, 300)  # without a size asked for: every pixel
 
 
 def test_load_image_draft_with_exif_rotation(tmp_path):
@@ -469,9 +473,9 @@ def test_load_image_draft_with_exif_rotation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.new("RGB", (400, 200), (1, 2, 3)).save(p, exif=exif)
-    img = load_image(p, min_short_side=40)
+    img = load_image(p, min_short_side=30)
     w, h = img.size
-    assert h > w and w >= 40 and h < 400
+    assert h > w and w >= 30 * DRAFT_MARGIN and h < 400
 
 
 # ---------------------------------------------------------------- ImageStore

@@ -56,7 +56,8 @@ class Worker:
         self.log_path = cwd / "worker.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
         env.update(GRAFT_DATA_DIR=str(settings.data_dir), GRAFT_DATABASE_URL=settings.db_url, GRAFT_OFFLINE="1",
-                   GRAFT_PROGRESS_INTERVAL_S=str(settings.progress_interval_s), PYTHONUNBUFFERED="1")
+                   GRAFT_PROGRESS_INTERVAL_S=str(settings.progress_interval_s), PYTHONUNBUFFERED="1",
+                   GRAFT_EXPORT_FORMATS=settings.export_formats)
         if settings.broker_url:
             env["GRAFT_BROKER_URL"] = settings.broker_url
         self.env, self.cwd = env, cwd
@@ -185,10 +186,15 @@ class Stack:
                     for m in (EpochMetric, JobEvent, Artifact)}
 
 
+# the stacks' workers export these two after training (each format's check costs seconds); the inference tests
+# export every format (export_formats=None: the default, domain.exports.AFTER_TRAINING)
+QUICK_EXPORTS = "torchscript,onnx"
+
+
 def build_stack(name: str, root: Path, database_url: str | None, broker_url: str | None,
-                 with_worker: bool = True) -> Stack:
+                with_worker: bool = True, export_formats: str | None = QUICK_EXPORTS) -> Stack:
     settings = Settings(_env_file=None, data_dir=root / "data", database_url=database_url, broker_url=broker_url,
-                        progress_interval_s=0.5)
+                        progress_interval_s=0.5, **({"export_formats": export_formats} if export_formats else {}))
     settings.ensure_dirs()
     run_migrations(settings.db_url)
     sessions = session_factory(settings.db_url)

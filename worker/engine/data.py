@@ -38,9 +38,12 @@ def to_tensor_u8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def decode_for(path: Path, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Decode an image and resize its short side to the preprocessing's resize size (uint8 CHW)."""
-    img = load_image(path, pre.resize_size, max_pixels)
+def decode_for(path: Path, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS, full: bool = False
+               ) -> torch.Tensor:
+    """Decode an image and resize its short side to the preprocessing's resize size (uint8 CHW). Training
+    decodes big JPEGs at a reduced scale (Pillow's draft mode: several times faster); `full` decodes every
+    pixel first, as predictions do, so that an export fed the decoded image computes exactly the same."""
+    img = load_image(path, None if full else pre.resize_size, max_pixels)
     return to_tensor_u8(resize_short(img, pre.resize_size, pre.interpolation))
 
 

@@ -1,75 +1,77 @@
-"""Exports of a trained model: a model card, TorchScript, and ONNX checked against PyTorch with onnxruntime.
+"""Exports of a trained model, each checked in its own runtime right after it is written, and the model card.
 
-An ONNX export whose probabilities drift from PyTorch's (top-1 agreement below 99.5% or a probability
-difference above 1e-3 on the check images) is marked failed with its figures; it is never offered as good.
+Every export takes raw images (uint8, NHWC, RGB, any height and width) and does Graft's preprocessing, the
+network and the calibration temperature inside its graph (export_graph); it outputs `logits` (calibrated,
+logits / T) and `probabilities` (their softmax, what Graft's API returns). Formats (domain.exports): onnx (fp32),
+onnx_fp16, onnx_int8 (static, calibrated on the job's train images), openvino (IR in a zip), torchscript; the
+pytorch model file itself. How each is written: export_formats.
 
-Both exports have the model's temperature inside (trust.CalibratedNet): their `logits` output is the calibrated
-logits (logits / T), whose softmax is the calibrated probabilities Graft's API returns; ONNX also outputs
-`probabilities` (that softmax), TorchScript has a `probabilities(x)` method. Without calibration T = 1.
+Each is checked on the val images in its runtime against the PyTorch model fed Graft's own preprocessing of the
+same files (export_check): val accuracy against PyTorch's, top-1 agreement, largest probability difference,
+batch-1 latency and file size. One outside its format's tolerance is recorded as failed, with its figures, and
+deleted: it is never offered.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import tempfile
-import warnings
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from domain.errors import ImageError
-from domain.exports import AFTER_TRAINING
+from domain.exports import AFTER_TRAINING, EXPORT_FORMATS
 
+from . import export_check as checks
+from . import export_formats as formats
 from .backbones import Preprocessing
 from .data import decode_for, eval_transform, normalize
+from .export_usage import input_section, usage_section
 from .modelfile import load_model
-from .trust import CalibratedNet, WithProbabilities, card_entry
+from .trust import CalibratedNet, card_entry
 
 log = logging.getLogger(__name__)
 
-MIN_TOP1_AGREEMENT = 0.995
-MAX_PROB_DIFF = 1e-3
+CALIBRATION_IMAGES = 64  # train images the int8 quantization is calibrated on
 
 
 @dataclass
 class ExportResult:
-    format: str  # pytorch | torchscript | onnx | model_card
+    format: str  # pytorch | model_card | one of domain.exports' formats
     path: str | None
     ok: bool
     error: str | None = None
-    parity: dict | None = None  # onnx: {"images", "max_abs_prob_diff", "top1_agreement"}
+    parity: dict | None = None  # export_check.measure's: against Graft's predictions, and on the same pixels
+    accuracy: float | None = None  # val accuracy in its own runtime
+    reference_accuracy: float | None = None  # the PyTorch model's, same images, Graft's preprocessing
+    latency_ms: float | None = None  # batch 1, median, one thread, on this machine
+    size_bytes: int | None = None
+    seconds: float | None = None  # writing and checking it
+    tolerance: dict | None = None  # {"max_prob_diff", "max_pixels_prob_diff", "min_top1_agreement"}
+    note: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _atomic_path(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def model_card(meta: dict, confidence_threshold: float | None = None) -> dict:
     """What a user needs to run the model elsewhere and get Graft's results; `confidence_threshold`: the job's
     operating point when the user moved it (default: the one chosen on the val set, in the model file)."""
     m = meta.get("metrics", {})
-    return {
-        "format": "graft.model_card/1",
+    card = {
+        "format": "graft.model_card/2",
         "backbone": meta["backbone"],
         "classes": meta["classes"],
         "preprocessing": meta["preprocessing"],
-        "input": {"name": "image", "shape": ["batch", 3, meta["preprocessing"]["image_size"],
-                                             meta["preprocessing"]["image_size"]], "dtype": "float32",
-                  "layout": "NCHW, RGB"},
-        "output": {"name": "logits", "shape": ["batch", len(meta["classes"])],
-                   "note": "calibrated logits (divided by the temperature): apply softmax for calibrated "
-                           "probabilities; index i is classes[i]. ONNX also outputs `probabilities` "
-                           "(the softmax); TorchScript has the method probabilities(x)"},
+        "input": input_section(meta["preprocessing"]),
+        "output": {"names": ["logits", "probabilities"], "shape": ["batch", len(meta["classes"])],
+                   "note": "`logits`: calibrated logits (divided by the temperature); `probabilities`: their "
+                           "softmax, the calibrated probabilities Graft's API returns; index i is classes[i]. "
+                           "TorchScript returns the pair and has the method probabilities(image)"},
         "temperature": float((meta.get("trust") or {}).get("temperature", 1.0)),
         "trust": card_entry(meta.get("trust"), confidence_threshold),
         "run_parameters": meta.get("spec", {}),
@@ -78,10 +80,20 @@ def model_card(meta: dict, confidence_threshold: float | None = None) -> dict:
         "pretrained_weights": meta.get("pretrained_weights"),
         "created_at": meta.get("created_at"),
     }
+    if meta.get("task") == "multilabel":  # one sigmoid per label, each given at or above its threshold
+        card["task"] = "multilabel"
+        card["thresholds"] = dict(zip(meta["classes"], meta.get("thresholds") or [0.5] * len(meta["classes"])))
+        card["output"]["note"] = ("`logits`: one per label; `probabilities`: their sigmoid (multi-label: each "
+                                  "label independently), what Graft's API returns; give label classes[i] when "
+                                  "probabilities[i] >= thresholds[classes[i]] (tuned for F1 on the val images)")
+        card["metrics"]["report"] = {k: (m.get("report") or {}).get(k) for k in ("metrics", "per_label")}
+        card["per_class"] = None
+    card["usage"] = usage_section(card)
+    return card
 
 
 def check_images(paths: Sequence[Path], pre: Preprocessing, limit: int = 256) -> torch.Tensor:
-    """Normalized tensors of (up to `limit`) images for parity checks; unreadable ones are skipped."""
+    """Normalized tensors of (up to `limit`) images, Graft's own preprocessing; unreadable ones are skipped."""
     crop = eval_transform(pre.image_size)
     out = []
     for p in list(paths)[:limit]:
@@ -100,101 +112,114 @@ def _calibrated(model, temperature: float | None) -> CalibratedNet:
     return CalibratedNet(model.to(memory_format=torch.contiguous_format), temperature or 1.0).eval()
 
 
-def export_torchscript(model, pre: Preprocessing, path: Path, card: dict | None = None,
-                       temperature: float | None = None) -> ExportResult:
-    """`forward` gives the calibrated logits, `probabilities` their softmax (`temperature` from the model file)."""
-    net = _calibrated(model, temperature)
-    example = torch.zeros(1, 3, pre.image_size, pre.image_size)
-    tmp = _atomic_path(path)
+def check_export(fmt: str, path: str | Path, ref: checks.Reference) -> ExportResult:
+    """Check the export at `path` (also on demand, on a file already written): its figures and whether it is
+    within the format's tolerance."""
+    fig = checks.measure(fmt, Path(path), ref)
+    error = checks.verdict(fmt, fig)
+    return ExportResult(fmt, str(path) if error is None else None, error is None, error, fig["parity"],
+                        fig["accuracy"], fig["reference_accuracy"], fig["latency_ms"], fig["size_bytes"],
+                        tolerance=checks.tolerance(fmt))
+
+
+class _Exporter:
+    """Writes the formats of one model, sharing the network's ONNX between them."""
+
+    def __init__(self, net: CalibratedNet, pre: Preprocessing, card: dict, out_dir: Path,
+                 calibration_paths: Sequence[Path], check_paths: Sequence[Path] = ()):
+        self.net, self.pre, self.card, self.out_dir = net, pre, card, out_dir
+        self.calibration_paths, self.check_paths = list(calibration_paths), list(check_paths)
+        self._net_onnx = None
+        self.note: str | None = None
+
+    def net_onnx(self):
+        if self._net_onnx is None:
+            self._net_onnx = formats.network_onnx(self.net, self.pre.image_size)
+        return self._net_onnx
+
+    def write(self, fmt: str, tmp: Path) -> None:
+        self.note = None
+        if fmt == "torchscript":
+            formats.write_torchscript(self.net, self.pre, tmp, self.card)
+        elif fmt == "onnx":
+            formats.save_onnx(self.net_onnx(), self.pre, tmp, self.card)
+        elif fmt == "onnx_fp16":
+            formats.save_onnx(formats.fp16_network(self.net_onnx()), self.pre, tmp, self.card)
+        elif fmt == "onnx_int8":
+            paths, what = formats.sample(self.calibration_paths, CALIBRATION_IMAGES), "train images"
+            if not paths:
+                paths, what = formats.sample(self.check_paths, CALIBRATION_IMAGES), \
+                    "check images (no train images were given)"
+            calib = check_images(paths, self.pre, limit=CALIBRATION_IMAGES)
+            self.note = f"calibrated on {len(calib)} {what}" if paths else \
+                "calibrated on random images (no images were given)"
+            formats.save_onnx(formats.int8_network(self.net_onnx(), calib), self.pre, tmp, self.card)
+        elif fmt == "openvino":
+            src = formats.atomic_path(self.out_dir / "openvino-source.onnx")
+            try:
+                formats.save_onnx(self.net_onnx(), self.pre, src, self.card)
+                formats.write_openvino(src, tmp, self.card)
+            finally:
+                src.unlink(missing_ok=True)
+        else:
+            raise ValueError(f"unknown export format {fmt!r}: use {', '.join(EXPORT_FORMATS)}")
+
+
+def export_format(exporter: _Exporter, fmt: str, ref: checks.Reference) -> ExportResult:
+    """Write one format to a temporary file, check it in its runtime, and keep it only when it passes."""
+    path = exporter.out_dir / EXPORT_FORMATS[fmt].file
+    tmp = formats.atomic_path(path)
+    start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace_module(net, {"forward": example, "probabilities": example},
-                                            check_trace=False)
-        # the model card travels inside the file: torch.jit.load(f, _extra_files={"model_card.json": ""})
-        traced.save(str(tmp), _extra_files={"model_card.json": json.dumps(card or {})})
+        exporter.write(fmt, tmp)
+        result = check_export(fmt, tmp, ref)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        log.debug("%s export failed", fmt, exc_info=True)
+        return ExportResult(fmt, None, False, f"{fmt} export failed: {type(e).__name__}: {e}",
+                            seconds=round(time.perf_counter() - start, 3))
+    if result.ok:
         os.replace(tmp, path)
-    except Exception as e:
+        result.path = str(path)
+    else:
         tmp.unlink(missing_ok=True)
-        return ExportResult("torchscript", None, False, f"TorchScript export failed: {e}")
-    return ExportResult("torchscript", str(path), True)
-
-
-def export_onnx(model, pre: Preprocessing, path: Path, images: torch.Tensor, card: dict | None = None,
-                temperature: float | None = None) -> ExportResult:
-    """Export with a dynamic batch axis (outputs `logits`, calibrated, and `probabilities`), then run onnxruntime
-    on `images` and compare its probabilities with PyTorch's calibrated ones."""
-    model = _calibrated(model, temperature)
-    example = images[:2] if len(images) >= 2 else torch.zeros(2, 3, pre.image_size, pre.image_size)
-    tmp = _atomic_path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # (in eval mode: the exporter restores the wrapper's mode afterwards, and with it the model's)
-            torch.onnx.export(WithProbabilities(model).eval(), (example,), str(tmp), input_names=["image"],
-                              output_names=["logits", "probabilities"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"},
-                                            "probabilities": {0: "batch"}}, opset_version=17, dynamo=False)
-        if card is not None:  # the model card travels inside the file, as metadata "graft.model_card"
-            import onnx
-
-            proto = onnx.load(str(tmp))
-            onnx.helper.set_model_props(proto, {"graft.model_card": json.dumps(card)})
-            onnx.save(proto, str(tmp))
-        parity = onnx_parity(tmp, model, images)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        return ExportResult("onnx", None, False, f"ONNX export failed: {type(e).__name__}: {e}")
-    ok = parity["top1_agreement"] >= MIN_TOP1_AGREEMENT and parity["max_abs_prob_diff"] <= MAX_PROB_DIFF
-    if not ok:
-        tmp.unlink(missing_ok=True)
-        return ExportResult("onnx", None, False,
-                            f"the ONNX model drifts from PyTorch: top-1 agreement {parity['top1_agreement']:.4f} "
-                            f"(needs >= {MIN_TOP1_AGREEMENT}), max probability difference "
-                            f"{parity['max_abs_prob_diff']:.2e} (needs <= {MAX_PROB_DIFF:.0e})", parity)
-    os.replace(tmp, path)
-    return ExportResult("onnx", str(path), True, None, parity)
-
-
-@torch.inference_mode()
-def onnx_parity(onnx_path: Path, model, images: torch.Tensor, batch_size: int = 32) -> dict:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    diffs, agree = [], 0
-    for s in range(0, len(images), batch_size):
-        x = images[s:s + batch_size].contiguous()
-        ref = model(x).float().softmax(1).numpy()
-        outs = sess.run(None, {name: x.numpy()})
-        logits = outs[0]
-        got = np.exp(logits - logits.max(1, keepdims=True))
-        got /= got.sum(1, keepdims=True)
-        # the `probabilities` output, and the softmax of the `logits` output, both match PyTorch's
-        diffs.append(float(np.abs(got - ref).max()))
-        if len(outs) > 1:
-            diffs.append(float(np.abs(outs[1] - ref).max()))
-        agree += int((got.argmax(1) == ref.argmax(1)).sum())
-    return {"images": int(len(images)), "max_abs_prob_diff": max(diffs) if diffs else 0.0,
-            "top1_agreement": agree / max(len(images), 1)}
+    result.seconds, result.note = round(time.perf_counter() - start, 3), exporter.note
+    return result
 
 
 def export_all(model_file: str | Path, out_dir: str | Path, check_paths: Sequence[Path],
-               formats: Sequence[str] = AFTER_TRAINING) -> list[ExportResult]:
-    """Write model_card.json and the requested formats next to each other in `out_dir`."""
+               formats: Sequence[str] = AFTER_TRAINING, check_labels: Sequence[int | None] | None = None,
+               calibration_paths: Sequence[Path] = ()) -> list[ExportResult]:
+    """Write model_card.json and the requested formats next to each other in `out_dir`, each checked on
+    `check_paths` (the val images; `check_labels`: the class index of each, for the accuracies) in its own
+    runtime. `calibration_paths`: train images for the int8 calibration."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model, meta = load_model(model_file)
     pre = Preprocessing.from_dict(meta["preprocessing"])
     card = model_card(meta)
-    temperature = card["temperature"]
+    net = _calibrated(model, card["temperature"])
+    net.multilabel = card.get("task") == "multilabel"  # sigmoid probabilities (export_formats.pytorch_runner)
+    start = time.perf_counter()
+    ref = checks.reference(net, pre, [Path(p) for p in check_paths], check_labels)
+    pytorch = ExportResult("pytorch", str(model_file), True, accuracy=ref.accuracy,
+                           reference_accuracy=ref.accuracy, latency_ms=ref.latency_ms,
+                           size_bytes=Path(model_file).stat().st_size,
+                           seconds=round(time.perf_counter() - start, 3),
+                           note="latency: the network on a preprocessed image (Graft's own preprocessing)")
     card_path = out_dir / "model_card.json"
+    results = [pytorch, ExportResult("model_card", str(card_path), True)]
+    exporter = _Exporter(net, pre, card, out_dir, [Path(p) for p in calibration_paths],
+                         [Path(p) for p in check_paths])
+    for fmt in [f for f in EXPORT_FORMATS if f in formats and f not in ("pytorch", "model_card")]:
+        results.append(export_format(exporter, fmt, ref))
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export format(s) {', '.join(unknown)}: use {', '.join(EXPORT_FORMATS)}")
+    # the card on its own also says how each export measured (the files' own cards cannot: they are inside)
+    card["exports"] = {r.format: {k: v for k, v in r.to_dict().items() if k not in ("format", "path")}
+                       for r in results if r.format != "model_card"}
     card_path.write_text(json.dumps(card, indent=2))
-    results = [ExportResult("pytorch", str(model_file), True), ExportResult("model_card", str(card_path), True)]
-    if "torchscript" in formats:
-        results.append(export_torchscript(model, pre, out_dir / "model.torchscript.pt", card, temperature))
-    if "onnx" in formats:
-        results.append(export_onnx(model, pre, out_dir / "model.onnx", check_images(check_paths, pre), card,
-                                   temperature))
     for r in results:
         if not r.ok:
             log.warning("%s", r.error)

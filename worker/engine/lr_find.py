@@ -22,7 +22,7 @@ import torch
 
 from . import freeze
 from .device import autocast, cpu_copy, rng_state, set_rng_state
-from .loop import loss_fn
+from .loop import Weighting, loss_fn
 
 START_LR = 1e-7
 END_LR = 1.0
@@ -62,7 +62,7 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float | None, float 
 
 def lr_range_test(model: torch.nn.Module, phase: freeze.Phase,
                   batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *, optimizer: str = "adamw",
-                  weight_decay: float = 0.0, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
+                  weight_decay: float = 0.0, label_smoothing: float = 0.0, class_weights: Weighting = None,
                   amp_dtype: torch.dtype | None = None, steps: int = 100, start_lr: float = START_LR,
                   end_lr: float = END_LR, diverge: float = DIVERGE,
                   should_stop: Callable[[], bool] = lambda: False) -> RangeTest:

@@ -40,7 +40,8 @@ class Predictor:
 
     def _decode(self, source: Path | BinaryIO, name: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """The model's input (uint8, cropped) and the size (width, height) of the resized image it was cut from."""
-        img = resize_short(load_image(source, self.pre.resize_size, name=name), self.pre.resize_size,
+        # every pixel decoded (no JPEG draft mode): what an exported model fed the decoded image computes too
+        img = resize_short(load_image(source, None, name=name), self.pre.resize_size,
                            self.pre.interpolation)
         return self._crop(to_tensor_u8(img)), img.size
 

@@ -31,6 +31,7 @@ from domain.layout import discover
 from domain.results import DomainGap, ProbeResult, ProbeRow
 from domain.spec import ProbeSpec, RunSpec
 
+from . import probe_multilabel as ml_probe
 from .backbones import get_info, weights_available
 from .schedules import phase_scheduler
 
@@ -255,11 +256,18 @@ def probe_backbone(data_dir: Path, backbone: str, pretrained: bool, spec: ProbeS
         y = torch.tensor(r.train_labels * views)
         groups = torch.arange(len(r.train_labels)).repeat(views)
         tp = time.perf_counter()
-        lp = fit_linear_probe(x, y, len(r.classes), groups, seed=spec.seed)
-        logits = lp.logits(r.val_feats)
-        yv = torch.tensor(r.val_labels)
-        val_acc = (logits.argmax(1) == yv).float().mean().item()
-        val_loss = F.cross_entropy(logits, yv).item()
+        extra: dict = {}
+        if r.split.multilabel:  # one sigmoid per label; ranked by mAP
+            lp = LinearProbe(*ml_probe.fit_for_run(r, x, groups, spec.seed), None)
+            figures = ml_probe.scores(lp.logits(r.val_feats), ml_probe.val_targets(r).numpy())
+            val_acc, val_loss = figures["val_acc"], figures["val_loss"]
+            extra = {"mAP": round(figures["mAP"], 6), "micro_f1": round(figures["micro_f1"], 6)}
+        else:
+            lp = fit_linear_probe(x, y, len(r.classes), groups, seed=spec.seed)
+            logits = lp.logits(r.val_feats)
+            yv = torch.tensor(r.val_labels)
+            val_acc = (logits.argmax(1) == yv).float().mean().item()
+            val_loss = F.cross_entropy(logits, yv).item()
         progress("probe", 0, 1, 1, tp)
         params, size_mb = _model_size(r.model)
         return ProbeRow.model_validate({
@@ -270,7 +278,7 @@ def probe_backbone(data_dir: Path, backbone: str, pretrained: bool, spec: ProbeS
             "params": params, "size_mb": size_mb, "weights": r.weights, "image_size": r.pre.image_size,
             "feature_dim": r.model.num_features, "cached": bool(r.features_from_cache),
             "l2": lp.l2, "cv_acc": lp.cv_acc, "train_images": len(r.train_labels), "val_images": len(r.val_labels),
-            "skipped": list(r.skipped), "error": None,
+            "skipped": list(r.skipped), "error": None, **extra,
         })
     finally:
         del r
@@ -320,9 +328,17 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
         r.split.val = _cap_per_class(r.split.val, max(1, min(val_per_class, ADVISE_MAX_VAL // k)), seed)
         progress = _Progress(r.cb, t0, epochs)
         r.compute_features(progress, need_images=True)
-        lp = fit_linear_probe(torch.cat(r.train_feats), torch.tensor(r.train_labels), len(r.classes), seed=seed)
         yv = torch.tensor(r.val_labels)
-        probe_right = lp.logits(r.val_feats).argmax(1) == yv
+        if r.split.multilabel:  # an image is right when every label is (at 0.5); the fine-tune trains with BCE
+            lp = LinearProbe(*ml_probe.fit_for_run(r, torch.cat(r.train_feats), torch.arange(len(r.train_labels)),
+                                                   seed), None)
+            right = ml_probe.prepare_finetune(r)
+        else:
+            lp = fit_linear_probe(torch.cat(r.train_feats), torch.tensor(r.train_labels), len(r.classes), seed=seed)
+
+            def right(logits: torch.Tensor) -> torch.Tensor:
+                return logits.argmax(1) == yv
+        probe_right = right(lp.logits(r.val_feats))
         model = r.model
         linear = model.head[-1]
         with torch.no_grad():
@@ -337,7 +353,7 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
             # the trainer's epoch (autocast, the out-of-memory retry), all layers in eval mode: batch norm keeps
             # its pretrained statistics (a few small batches would only blur them); one val pass at the end
             r.train_epoch_on_images(phase, opt, sched, None, epoch, progress, validate=False, keep_eval=True)
-        ft_right = r.predict_val(False, epochs, progress).argmax(1) == yv
+        ft_right = right(r.predict_val(False, epochs, progress))
         n = len(yv)
         only_probe = int((probe_right & ~ft_right).sum())
         only_ft = int((ft_right & ~probe_right).sum())
@@ -357,9 +373,13 @@ def measure_domain_gap(data_dir: str | Path, backbone: str = "efficientnet_lite0
 
 
 def rank(rows: list[ProbeRow]) -> list[ProbeRow]:
-    """Best val accuracy first (ties: lower val loss, then faster); rows with an error last."""
-    ok = sorted((r for r in rows if r.error is None),
-                key=lambda r: (-(r.val_acc or 0.0), r.val_loss or 0.0, r.seconds or 0.0))
+    """Best val accuracy first (multi-label data: best mAP; ties: lower val loss, then faster); rows with an
+    error last."""
+    def key(r: ProbeRow) -> tuple[float, float, float]:
+        score = r.mAP if r.mAP is not None else r.val_acc
+        return -(score or 0.0), r.val_loss or 0.0, r.seconds or 0.0
+
+    ok = sorted((r for r in rows if r.error is None), key=key)
     bad = [r for r in rows if r.error is not None]
     return [r.model_copy(update={"rank": i if r.error is None else None}) for i, r in enumerate(ok + bad, 1)]
 

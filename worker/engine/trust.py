@@ -209,9 +209,12 @@ class CalibratedNet(nn.Module):
     whose softmax is the calibrated probabilities; same name and shape as before), `probabilities` the
     softmax itself."""
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0):
+    multilabel: bool  # a multi-label model (temperature 1): its probabilities are the sigmoid (exports)
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0, multilabel: bool = False):
         super().__init__()
         self.model = model
+        self.multilabel = multilabel
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -138,8 +138,10 @@ def _send(settings, art, media_type: str, filename: str | None = None, headers: 
 def download_model(job_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser,
                    format: ExportName = ExportName("pytorch")):
     """The trained model: `pytorch` (state dict with classes, preprocessing, parameters and metrics inside),
-    `torchscript`, `onnx` (dynamic batch; checked against PyTorch with onnxruntime), or the `model_card`
-    alone. TorchScript and ONNX files carry the model card (the preprocessing to apply) inside."""
+    `torchscript`, `onnx`, `onnx_fp16`, `onnx_int8`, `openvino` (a zip of the IR), or the `model_card` alone.
+    Every export takes raw images (uint8 NHWC RGB, any size) and does the preprocessing inside; each was checked
+    on the val images in its own runtime (its figures are in GET .../evaluation `exports`), and one that failed
+    its check answers 409. The files carry the model card (with a usage snippet) inside."""
     fmt = EXPORT_FORMATS[format.value]
     job = service.get_owned(session, user, job_id)
     summary = RunSummary.from_stored(job.result)

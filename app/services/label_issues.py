@@ -29,6 +29,10 @@ LABEL_ISSUES = JobKind.label_issues.value
 def start(session: Session, settings: Settings, user: User, dataset_id: int, spec: LabelIssueSpec) -> Job:
     """Queue a search for the dataset's wrong labels (editors of its workspace; one at a time per dataset)."""
     ds = dataset_service.get_owned(session, user, dataset_id, access.EDIT, "looking for label issues")
+    if ds.task == "multilabel":
+        raise Unprocessable(f"dataset {ds.id} is multi-label: the search for wrong labels works on one class per "
+                            "image (folder layouts), not on a labels.csv yet; a trained job's page lists the "
+                            "validation images with a missed or a false label")
     running = session.scalar(select(Job.id).where(Job.dataset_id == ds.id, Job.kind == LABEL_ISSUES,
                                                   Job.status.not_in(FINAL_STATUSES)))
     if running is not None:

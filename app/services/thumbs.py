@@ -53,7 +53,7 @@ def thumbs_folder(settings: Settings, ds: Dataset) -> Path:
 
 
 def _train_images(folder: Path) -> dict[int, list[Path]]:
-    """Class index -> train images, as training sees them (same default split and seed as at upload)."""
+    """Class (or label) index -> train images, as training sees them (same default split and seed as at upload)."""
     key = str(folder)
     with _lock:
         if key in _train_lists:
@@ -64,8 +64,9 @@ def _train_images(folder: Path) -> dict[int, list[Path]]:
     except DataError as e:
         raise NotFound(f"the dataset's files cannot be read any more: {e}") from None
     by: dict[int, list[Path]] = {}
-    for p, lbl in split.train:
-        by.setdefault(lbl, []).append(p)
+    for p, lbl in split.train:  # (multi-label: an image is a sample of each label it carries)
+        for c in split.label_sets[lbl] if split.multilabel else (lbl,):
+            by.setdefault(c, []).append(p)
     with _lock:
         _train_lists[key] = by
         while len(_train_lists) > _CACHE_SIZE:

@@ -47,7 +47,7 @@ def dataset_page(dataset_id: str, request: Request, session: SessionDep, user: S
     val = ds.counts.get("val", {})
     multilabel = ds.task == "multilabel"
     rows = [{"index": i, "name": c, "train": int(train.get(c, 0)), "val": int(val.get(c, 0)),
-             "samples": 0 if multilabel else min(SAMPLES_PER_CLASS, int(train.get(c, 0)))}
+             "samples": min(SAMPLES_PER_CLASS, int(train.get(c, 0)))}  # (multi-label: images with the label)
             for i, c in enumerate(ds.classes)]
     largest = max([r["train"] + r["val"] for r in rows] or [1]) or 1
     images = ((ds.label_stats or {}).get("images") or {}) if multilabel else {}  # counts are per label there

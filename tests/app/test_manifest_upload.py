@@ -312,7 +312,11 @@ def test_the_dataset_page_shows_label_frequencies_and_cooccurrence(api, images, 
     assert browser.get(f"/login?token={token}", follow_redirects=False).status_code == 303
     html = browser.get(f"/datasets/{ds['id']}").text
     assert "Task: multi-label" in html and "Label frequencies" in html and "Label co-occurrence" in html
-    assert "/samples/" not in html  # samples by class do not apply to label sets
+    # each label's samples are train images that carry it
+    classes = list(multilabel.LABELS)
+    assert f"/datasets/{ds['id']}/samples/2/0.jpg" in html
+    r = browser.get(f"/datasets/{ds['id']}/samples/{classes.index('hand')}/0.jpg")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     stats = expected_stats(rows)
     table = html[html.index('id="cooccurrence"'):]
     cells = [int(v) for v in re.findall(r'<td class="num (?:diag|off)"[^>]*>(\d+)</td>', table)]

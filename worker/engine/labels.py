@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from domain.callbacks import CallbackList, Callbacks
-from domain.errors import RunStopped
+from domain.errors import DataError, RunStopped
 from domain.layout import discover
 from domain.results import LabelIssue, LabelIssueReport
 from domain.spec import LabelIssueSpec, RunSpec
@@ -214,6 +214,11 @@ def _run_spec(spec: LabelIssueSpec) -> RunSpec:
                    seed=spec.seed)
 
 
+MULTILABEL_REFUSAL = ("the search for wrong labels works on one class per image (folder layouts), not on a "
+                      "multi-label labels.csv yet: review the validation images with a missed or a false label on a "
+                      "trained job's page instead")
+
+
 def find_label_issues(data_dir: str | Path, spec: LabelIssueSpec | None = None, cache_dir: str | Path | None = None,
                       callbacks: Callbacks | None = None, device: str | None = None,
                       max_pixels: int | None = None) -> LabelIssueReport:
@@ -228,6 +233,8 @@ def find_label_issues(data_dir: str | Path, spec: LabelIssueSpec | None = None, 
     cb = CallbackList(callbacks)
     rs = _run_spec(spec)
     split = discover(Path(data_dir), spec.val_fraction, spec.seed)  # DataError before any model is built
+    if split.multilabel:
+        raise DataError(MULTILABEL_REFUSAL)
     dev = pick_device(device)
     cb.on_start({"classes": split.classes, "counts": split.counts(), "layout": split.layout, "device": str(dev),
                  "phases": ["label_issues"], "epochs": 0, "warnings": split.warnings})

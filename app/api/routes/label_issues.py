@@ -51,7 +51,7 @@ class LabelIssuesOut(BaseModel):
 
 
 @router.post("/datasets/{dataset_id}/label-issues", status_code=201, response_model=JobOut,
-             responses=errors(403, 404, 409, 503))
+             responses=errors(400, 403, 404, 409, 503))
 def start_label_issues(dataset_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser,
                        response: Response, body: LabelIssueSpec | None = None):
     """Look for images filed under the wrong class: the frozen features of every image (cached, shared with

@@ -44,7 +44,7 @@ class ProbeOut(BaseModel):
     advice: AdviceOut
 
 
-@router.post("/{dataset_id}/probe", status_code=201, response_model=JobOut, responses=errors(403, 404, 409, 503))
+@router.post("/{dataset_id}/probe", status_code=201, response_model=JobOut, responses=errors(400, 403, 404, 409, 503))
 def start_probe(dataset_id: int, session: SessionDep, settings: SettingsDep, user: CurrentUser, response: Response,
                 body: ProbeSpec | None = None):
     """Compare backbones on this dataset: for each (default: every one whose pretrained weights are on this

@@ -30,6 +30,7 @@ from domain.layout import (  # noqa: F401
 )
 
 from .backbones import Preprocessing
+from .gpu_decode import decode_device, decode_files
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,11 @@ class _Slabs:
 class ImageStore:
     """Decoded, resized images (uint8 CHW), kept in shared memory up to a byte budget (GRAFT_IMAGE_STORE_BYTES
     on a worker); beyond it, decoded on each access. Building it decodes every image once, which also finds
-    the unreadable ones."""
+    the unreadable ones: JPEGs on the GPU when `device` is a CUDA one and GRAFT_GPU_DECODE allows (gpu_decode)."""
 
     def __init__(self, paths: Sequence[Path], pre: Preprocessing, budget_bytes: int = 3 << 30,
                  max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, device: torch.device | str | None = None):
         self.pre, self.max_pixels = pre, max_pixels
         self.paths = list(paths)
         # per image: (block, offset, channels, height, width), or None when not kept
@@ -99,10 +100,18 @@ class ImageStore:
                 return i, None, str(e)
 
         pool = ThreadPoolExecutor(threads)
+        gpu = decode_device(device)
 
         def windows():  # a window of tasks at a time: Executor.map makes every future up front
             for a in range(0, len(self.paths), 1024):
-                yield from pool.map(work, range(a, min(len(self.paths), a + 1024)))
+                b = min(len(self.paths), a + 1024)
+                if gpu is None:
+                    yield from pool.map(work, range(a, b))
+                    continue
+                got = decode_files(self.paths[a:b], pre, lambda p: decode_for(p, pre, max_pixels), gpu, max_pixels,
+                                   pool)
+                yield from ((i, None, str(r)) if isinstance(r, ImageError) else (i, r, None)
+                            for i, r in enumerate(got, a))
 
         try:
             for n, (i, t, err) in enumerate(windows(), 1):
@@ -210,11 +219,14 @@ class DecodedSplit:
 
 
 def decode_split(split: DataSplit, pre: Preprocessing, budget_bytes: int, max_pixels: int,
-                 progress: Callable[[int, int], None], on_skipped: Callable[[str], None]) -> DecodedSplit:
-    """Decode the train and val images of `split` into an ImageStore (`progress(done, total)`), naming each
-    unreadable one to `on_skipped`. DataError when a class has no readable train image left, or val none."""
+                 progress: Callable[[int, int], None], on_skipped: Callable[[str], None],
+                 device: torch.device | str | None = None) -> DecodedSplit:
+    """Decode the train and val images of `split` into an ImageStore (`progress(done, total)`; JPEGs on the GPU
+    where `device` allows), naming each unreadable one to `on_skipped`. DataError when a class has no readable
+    train image left, or val none."""
     items = split.train + split.val
-    store = ImageStore([p for p, _ in items], pre, budget_bytes, max_pixels=max_pixels, progress=progress)
+    store = ImageStore([p for p, _ in items], pre, budget_bytes, max_pixels=max_pixels, progress=progress,
+                       device=device)
     skipped = [f"{split.rel(items[i][0])}: {msg.split(': ', 1)[-1]}" for i, msg in sorted(store.errors.items())]
     for s in skipped:
         on_skipped(s)

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     inference_url: str | None = Field(None, description="The inference service (`graft inference`); `graft serve` "
                                       "starts one and sets this")
     max_predict_images: int = Field(64, ge=1, description="Images per prediction request")
+    inference_batch_window_ms: float = Field(5.0, ge=0, description="The inference service merges prediction "
+                                             "requests for one model that come within this long of each other "
+                                             "(or while a forward pass runs) into shared forward passes")
+    inference_max_batch: int = Field(64, ge=1, description="Most images in one merged forward pass of the "
+                                     "inference service (1: no merging, each request its own)")
     progress_interval_s: float = Field(2.0, gt=0, description="How often a worker writes batch progress")
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="A running job whose worker has not written a "
                                        "heartbeat for this long is taken as lost: re-queued or failed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -135,3 +136,101 @@ class Predictor:
                        reverse=True)
         return {"labels": [{"class": c, "probability": round(p, 6)} for p, c in given],
                 "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs.tolist())}}
+
+    # ------------------------------------------------------------ several requests' images in shared forwards
+
+    def decode_sources(self, sources: Sequence[tuple[str, Path | BinaryIO]],
+                       pool: ThreadPoolExecutor | None = None) -> list[torch.Tensor | str]:
+        """Each source's uint8 crop, or its error message (what `predict_sources` gives that image), decoded on
+        `pool` (default: one of its own on up to 8 cores)."""
+
+        def decode(item: tuple[str, Path | BinaryIO]) -> torch.Tensor | str:
+            name, src = item
+            try:
+                return self._decode(src, None if isinstance(src, Path) else name)[0]
+            except ImageError as e:
+                return str(e)
+            except OSError as e:
+                return f"{name}: unreadable ({e})"
+
+        if len(sources) == 1:  # (no hop to another thread for one image)
+            return [decode(sources[0])]
+        if pool is not None:
+            return list(pool.map(decode, sources))
+        with ThreadPoolExecutor(max(1, min(8, len(os.sched_getaffinity(0))))) as own:
+            return list(own.map(decode, sources))
+
+    @torch.inference_mode()
+    def forward(self, batch_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass: (the head's outputs, the body's features) of a batch of uint8 crops."""
+        feats = self.model.body(self._inputs(batch_u8)).float()
+        return self.model.head(feats), feats
+
+    @torch.inference_mode()
+    def predict_decoded(self, requests: Sequence[DecodedRequest], batch_size: int = 64
+                        ) -> list[list[dict] | ValueError]:
+        """Several requests' decoded images (`decode_sources`) in shared forward passes of up to `batch_size`
+        crops, each request's results then computed with its own options: per request, what `predict_sources`
+        (without `explain`) gives for the same images and options, or the ValueError its `label_thresholds`
+        raise (they do not fit the model's labels). An exception of a forward pass propagates."""
+        crops = [c for req in requests for c in req.crops if isinstance(c, torch.Tensor)]
+        outs, feats = [], []
+        for s in range(0, len(crops), batch_size):
+            o, f = self.forward(torch.stack(crops[s:s + batch_size]))
+            outs.append(o)
+            feats.append(f)
+        out_all = torch.cat(outs) if outs else torch.empty(0)
+        feat_all = torch.cat(feats) if feats else torch.empty(0)
+        answers: list[list[dict] | ValueError] = []
+        at = 0
+        for req in requests:
+            n = sum(isinstance(c, torch.Tensor) for c in req.crops)
+            try:
+                answers.append(self._results(req, out_all[at:at + n], feat_all[at:at + n]))
+            except ValueError as e:
+                answers.append(e)
+            at += n
+        return answers
+
+    def _results(self, req: DecodedRequest, out: torch.Tensor, feats: torch.Tensor) -> list[dict]:
+        scores: list[float | None] = [None] * len(out)  # (len 0: only errors below)
+        probs, abstained = out, [False] * len(out)
+        if len(out) and self.multilabel:
+            probs = out.float().sigmoid()
+        elif len(out):
+            probs, scores, abstained = self.trust(out, feats, req.confidence_threshold)
+        k = min(req.top_k, len(self.classes))
+        thr = self.trust.confidence_threshold if req.confidence_threshold is None else req.confidence_threshold
+        results: list[dict] = []
+        n = 0
+        for name, crop in zip(req.names, req.crops):
+            if not isinstance(crop, torch.Tensor):
+                results.append({"file": name, "error": crop})
+                continue
+            pr = probs[n]
+            vals, idx = pr.topk(k)
+            r = {"file": name, "top": [
+                {"class": self.classes[j], "probability": round(float(v), 6)} for v, j in zip(vals, idx)],
+                "abstained": abstained[n], "ood_score": scores[n]}
+            if self.multilabel:
+                r.update(self._labels(pr, req.label_thresholds))
+            if abstained[n]:
+                score = scores[n]
+                ood = self.trust.scorer is not None and score is not None and score > self.trust.scorer.threshold
+                r["abstain_reason"] = "unlike the training images" if ood else \
+                    f"confidence {float(vals[0]):.2f} is below the threshold {thr:.2f}"
+            results.append(r)
+            n += 1
+        return results
+
+
+@dataclass
+class DecodedRequest:
+    """One request's images for `Predictor.predict_decoded`: their names, their crops (or error messages, from
+    `decode_sources`) and the request's options."""
+
+    names: list[str]
+    crops: list[torch.Tensor | str]
+    top_k: int = 3
+    confidence_threshold: float | None = None
+    label_thresholds: Sequence[float] | None = None

@@ -38,3 +38,20 @@ def tiny_slice(tmp_path_factory) -> Path:
 
 # one S3 server (SeaweedFS) for the whole session, whichever modules use it
 from support.s3 import s3_bucket, s3_server  # noqa: E402,F401
+
+# `make test` runs the modules on two processes (pytest-xdist --dist loadfile), handed out in collection order: the
+# longest first, so that no long module starts last while the other process idles. The rest keep their order.
+LONGEST_FIRST = [
+    "tests/worker/test_faults.py", "tests/e2e/test_browser.py", "tests/engine/test_search.py",
+    "tests/worker/test_queue.py", "tests/e2e/test_cluster.py", "tests/e2e/test_supervise.py",
+    "tests/engine/test_export.py", "tests/worker/test_inference.py", "tests/e2e/test_client.py",
+    "tests/worker/test_batch_predict.py", "tests/engine/test_until_plateau.py", "tests/engine/test_training.py",
+    "tests/engine/test_probe.py", "tests/engine/test_labels.py", "tests/engine/test_lite_backbones.py",
+    "tests/app/test_fuzz.py", "tests/engine/test_run_trust.py", "tests/e2e/test_serve.py",
+    "tests/engine/test_distributed.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {m: i for i, m in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable

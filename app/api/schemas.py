@@ -123,7 +123,7 @@ class JobOut(BaseModel):
     dataset_id: int
     dataset_version: int = Field(1, description="The version of the dataset the job trained on (1: as uploaded; "
                                  "later versions come from POST /api/v1/datasets/{id}/versions)")
-    kind: str = "train"  # "train", or "probe" (a backbone comparison: spec is a ProbeSpec)
+    kind: str = "train"  # train | probe (ProbeSpec) | label_issues (LabelIssueSpec) | batch_predict (app.services.batch_predict)
     status: str
     progress: float
     stage: str | None

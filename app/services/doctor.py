@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NoReturn
@@ -38,6 +38,7 @@ from app.core.settings import Settings
 from app.services import doctor_manifest
 from domain.errors import DataError
 from domain.layout import IMAGE_EXTS, JUNK_NAMES, DataSplit, Folders, discover, read_folders
+from domain.manifest import ManifestProblem
 from domain.spec import AUTO_BALANCE_RATIO
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,9 @@ EXTS = "jpg, png, bmp, gif, webp, tif"
 
 
 @dataclass
-class Problem:
-    """One problem of an upload: what is wrong, how to fix it, and the files concerned (relative names)."""
-
-    problem: str
-    fix: str
-    files: list[str] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return f"{self.problem}: {self.fix}"
+class Problem(ManifestProblem):
+    """One problem of an upload: what is wrong, how to fix it, and the files concerned (relative names); the
+    manifest's problems (domain.manifest) with what the API's error details show."""
 
     def as_dict(self) -> dict:
         return {"problem": self.problem, "fix": self.fix, "files": self.files[:MAX_FILES]}

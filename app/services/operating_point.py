@@ -101,8 +101,8 @@ def set_label_thresholds(session: Session, settings: Settings, user: User, job_i
     scores, masks = report.get("scores") or [], report.get("y_true") or []
     metrics = None
     if scores and len(scores) == len(masks):
-        targets = [[bool(m >> i & 1) for i in range(len(classes))] for m in masks]
-        metrics, _ = figures_ml.metrics_at(scores, targets, classes, [th[c] for c in classes])
+        metrics, _ = figures_ml.metrics_at(scores, figures_ml.from_masks(masks, len(classes)), classes,
+                                           [th[c] for c in classes])
     stored = {"thresholds": th, "metrics": metrics, "default_thresholds": report.get("thresholds"),
               "set_by": user.name, "set_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     job.result = {**(job.result or {}), "label_thresholds": stored}

@@ -248,23 +248,16 @@ def test_label_issues_through_the_api_with_a_real_worker(api_stack):
 
 def test_a_multilabel_dataset_is_refused_saying_why(site, tmp_path):
     """The search works on one class per image: a labels.csv dataset gets a clear 422 (the API) or error (engine)."""
-    import io
-    import zipfile
-
     from support import multilabel
+    from support.web import folder_zip
 
     from domain.errors import DataError
     from domain.spec import LabelIssueSpec
     from worker.engine.labels import find_label_issues
 
     data = multilabel.build(tmp_path / "grids", 30, tile=16)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for f in sorted(data.rglob("*")):
-            if f.is_file():
-                zf.write(f, f.relative_to(data).as_posix())
     c, alice = site["client"], site["alice"]
-    r = c.post("/api/v1/datasets", headers=alice, data={"name": "grids"}, files={"file": ("g.zip", buf.getvalue())})
+    r = c.post("/api/v1/datasets", headers=alice, data={"name": "grids"}, files={"file": ("g.zip", folder_zip(data))})
     assert r.status_code == 201 and r.json()["task"] == "multilabel", r.text
     r = c.post(f"/api/v1/datasets/{r.json()['id']}/label-issues", headers=alice)
     assert r.status_code == 422 and "multi-label" in r.json()["error"]["message"], r.text

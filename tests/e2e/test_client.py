@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from support.paths import ROOT
 from support.procs import free_port
 from support.stack import GRAFT, JOB_TIMEOUT_S, TINY_RUN, build_stack, close_stack
+from support.web import served_in_thread
 
 CLIENT = ROOT / "clients" / "python"
 sys.path.insert(0, str(CLIENT / "src"))  # the client as a user's code sees it (not installed in the venv)
@@ -79,8 +79,6 @@ def _wait_http(url: str, what: str, log: Path | None = None, timeout: float = 60
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """SQLite + the filesystem queue, a real worker and inference service, the app on a loopback port."""
-    import uvicorn
-
     from app.main import create_app
 
     root = tmp_path_factory.mktemp("client")
@@ -92,26 +90,14 @@ def served(tmp_path_factory):
         inference = subprocess.Popen([str(GRAFT), "inference", "--port", str(inference_port)], env=env,
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     stack = build_stack("client", root, None, None)
-    server = thread = None
     try:
         inference_url = f"http://127.0.0.1:{inference_port}"
         _wait_http(inference_url + "/healthz", "graft inference", root / "inference.log")
         app = create_app(stack.settings.model_copy(update={"inference_url": inference_url}))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                pytest.fail("the web app did not start")
-            time.sleep(0.05)
         token = stack.client.headers["authorization"].removeprefix("Bearer ")
-        yield {"url": f"http://127.0.0.1:{port}", "token": token, "stack": stack, "root": root}
+        with served_in_thread(app) as url:
+            yield {"url": url, "token": token, "stack": stack, "root": root}
     finally:
-        if server is not None and thread is not None:
-            server.should_exit = True
-            thread.join(10)
         inference.send_signal(signal.SIGTERM)
         try:
             inference.wait(timeout=10)

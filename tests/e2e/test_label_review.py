@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-import time
 from pathlib import Path
 
 import playwright.sync_api as playwright_api
 import pytest
 from fastapi.testclient import TestClient
 from support.paths import HYMENOPTERA, ROOT
-from support.procs import free_port
-from support.web import dataset_zip, make_app
+from support.web import dataset_zip, make_app, served_in_thread
 
 from app.db.models import Job
 from app.services import auth
@@ -38,7 +35,6 @@ def _file(split: str, cls: str, n: int) -> str:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The app on SQLite in a thread, alice's dataset and a finished search of it with three suspects."""
-    import uvicorn
 
     if not CHROMIUM.exists():
         msg = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
@@ -72,20 +68,10 @@ def site(tmp_path_factory):
         s.add(job)
         s.commit()
         login = auth.create_token(s, alice, "browser", kind="login")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the web app did not start")
-        time.sleep(0.05)
     try:
-        yield {"base": f"http://127.0.0.1:{port}", "login": login, "api": api, "ds": ds, "issues": issues}
+        with served_in_thread(app) as base:
+            yield {"base": base, "login": login, "api": api, "ds": ds, "issues": issues}
     finally:
-        server.should_exit = True
-        thread.join(10)
         api.close()
 
 

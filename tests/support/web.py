@@ -1,15 +1,20 @@
 """Helpers for tests that use the web app in-process: the page's CSRF token, the forms' hidden tokens, a
-tiny dataset zip, and an app on a real database."""
+tiny dataset zip, an app on a real database, and an app served on a loopback port from a thread."""
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+import threading
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from support.paths import HYMENOPTERA
+from support.procs import free_port
 
 
 def csrf_of(html: str) -> str:
@@ -24,6 +29,16 @@ def field_of(html: str, name: str) -> str:
     m = re.search(rf'<input type="hidden" name="{re.escape(name)}" value="([^"]*)"', html)
     assert m, f"no hidden field {name}"
     return m.group(1)
+
+
+def folder_zip(folder: Path) -> bytes:
+    """Every file under `folder`, zipped with paths relative to it (e.g. a labels.csv dataset)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(folder).as_posix())
+    return buf.getvalue()
 
 
 def dataset_zip(per_class: dict[str, int], top: str = "hymenoptera") -> bytes:
@@ -77,3 +92,25 @@ def tus_send(client: TestClient, headers: dict, data: bytes, name: str = "part.z
                                   "Upload-Offset": str(off)})
         assert r.status_code == 204, r.text
     return uid
+
+
+@contextlib.contextmanager
+def served_in_thread(app, start_s: float = 20) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port from a daemon thread: yields its base URL, stops it after."""
+    import pytest
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the web app did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

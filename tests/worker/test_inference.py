@@ -200,14 +200,9 @@ def multilabel_job(served, tmp_path_factory):
 
     stack, client, _, _ = served
     data = multilabel.build(tmp_path_factory.mktemp("grids"), 60, tile=24, rates={"hand": 0.3})
-    buf = io.BytesIO()
-    import zipfile
+    from support.web import folder_zip
 
-    with zipfile.ZipFile(buf, "w") as zf:
-        for f in sorted(data.rglob("*")):
-            if f.is_file():
-                zf.write(f, f.relative_to(data).as_posix())
-    r = client.post("/api/v1/datasets", data={"name": "grids"}, files={"file": ("g.zip", buf.getvalue(), "application/zip")})
+    r = client.post("/api/v1/datasets", data={"name": "grids"}, files={"file": ("g.zip", folder_zip(data), "application/zip")})
     assert r.status_code == 201, r.text
     ds = r.json()
     assert ds["task"] == "multilabel" and ds["classes"] == ["ant", "bee", "hand"], ds

@@ -29,6 +29,7 @@ from domain.layout import (  # noqa: F401
     subsample,
 )
 
+from .augment import PRESETS, RATIO, BatchAugment, use_batch_path
 from .backbones import Preprocessing
 from .gpu_decode import decode_device, decode_files
 
@@ -146,19 +147,28 @@ class ImageStore:
 
 
 def train_transform(preset: str, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Augmentation on a uint8 CHW tensor whose short side is the resize size; output size x size."""
+    """Augmentation on a uint8 CHW tensor whose short side is the resize size; output size x size (augment.PRESETS;
+    the same on whole batches on the device: augment.BatchAugment)."""
     from torchvision.transforms import v2
 
     if preset == "none":
         return v2.CenterCrop(size)
-    if preset == "light":
-        return v2.Compose([v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
-                           v2.RandomHorizontalFlip()])
-    if preset == "standard":
-        return v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
-                           v2.RandomHorizontalFlip(),
-                           v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02)])
-    raise ValueError(f"unknown augmentation preset {preset!r}: use none, light or standard")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r}: use none, {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    steps = [v2.RandomResizedCrop(size, scale=p.scale, ratio=RATIO, antialias=True), v2.RandomHorizontalFlip()]
+    if p.jitter is not None:
+        b, c, s, h = p.jitter
+        steps.append(v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h))
+    return v2.Compose(steps)
+
+
+def train_augmentation(preset: str, size: int, device: torch.device):
+    """The preset's augmentation for a run on `device`: per image on the CPU (train_transform), or a BatchAugment
+    that finishes the work on the device a batch at a time (augment.py; GRAFT_GPU_AUGMENT)."""
+    if use_batch_path(preset, device):
+        return BatchAugment(preset, size)
+    return train_transform(preset, size)
 
 
 def eval_transform(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -198,12 +208,16 @@ def preprocess_image(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
 def image_loader(store: ImageStore, idx: list[int], labels: list[int], transform, batch_size: int, shuffle: bool,
                  device: torch.device) -> torch.utils.data.DataLoader:
     """Batches of the store's images `idx`: decoded in loader workers until every one is cached in memory,
-    then in this process (workers would only add start-up time)."""
-    ds = ImageDataset(store, idx, labels, transform)
+    then in this process (workers would only add start-up time). With a BatchAugment as the transform the
+    loader cuts the crops and the batches are augmented on `device` as they come."""
+    batch_aug = isinstance(transform, BatchAugment)
+    ds = ImageDataset(store, idx, labels, transform.sample if batch_aug else transform)
     cached = all(store.cached(i) for i in idx)
     workers = 0 if cached else min(4, len(os.sched_getaffinity(0)))
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=False,
+                                         collate_fn=transform.collate if batch_aug else None)
+    return transform.wrap(loader, device) if batch_aug else loader
 
 
 @dataclass

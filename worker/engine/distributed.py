@@ -56,7 +56,7 @@ from domain.spec import RunSpec
 
 from . import freeze
 from .checkpoint import load_checkpoint
-from .data import train_transform
+from .data import train_augmentation
 from .device import pick_device
 from .loop import micro_batch, train_epoch_on_images
 from .result import RunResult
@@ -242,8 +242,8 @@ class _RankMixin:
             me.model.eval()
         else:
             freeze.train_mode(me.model, phase)
-        loader = me._loader(me.train_idx, me.train_labels, train_transform(me.spec.augment, me.pre.image_size),
-                            shuffle=True)
+        aug = train_augmentation(me.spec.augment, me.pre.image_size, me.device)
+        loader = me._loader(me.train_idx, me.train_labels, aug, shuffle=True)
 
         def on_batch(done: int, n: int, t: float, seen: int) -> None:
             me.image_seconds = (time.perf_counter() - t) / seen

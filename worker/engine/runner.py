@@ -33,7 +33,7 @@ from .checkpoint import (
     model_state,
     save_checkpoint,
 )
-from .data import ImageStore, decode_split, eval_transform, image_loader, normalize, train_transform
+from .data import ImageStore, decode_split, eval_transform, image_loader, normalize, train_augmentation
 from .device import amp_dtype_for, autocast, pick_device, rng_state, seed_everything, set_cpu_threads, set_rng_state
 from .features import FeatureCache, FeatureExtractor
 from .loop import hits, micro_batch, predict, retry_on_oom, train_epoch_on_features, train_epoch_on_images, val_loss
@@ -142,8 +142,8 @@ class Runner:
 
     def train_batches(self):
         """Shuffled, augmented batches of the train images as (model inputs, labels) on the device."""
-        loader = self._loader(self.train_idx, self.train_labels, train_transform(self.spec.augment, self.pre.image_size),
-                              shuffle=True)
+        aug = train_augmentation(self.spec.augment, self.pre.image_size, self.device)
+        loader = self._loader(self.train_idx, self.train_labels, aug, shuffle=True)
         return ((self._inputs(x), y.to(self.device)) for x, y in loader)
 
     def _inputs(self, x_u8: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,8 @@ class Runner:
 
     def _extract(self, idx, labels, preset: str, view: int, progress: _Progress, stage_t0: float,
                  done_before: int, total: int) -> torch.Tensor:
-        transform = eval_transform(self.pre.image_size) if preset == "eval" else train_transform(preset, self.pre.image_size)
+        transform = (eval_transform(self.pre.image_size) if preset == "eval"
+                     else train_augmentation(preset, self.pre.image_size, self.device))
         feats, hit = self._extractor().get(
             [self.items[i] for i in idx], preset, view,
             lambda a, b: self._loader(idx[a:b], labels[a:b], transform, shuffle=False),
@@ -268,7 +269,7 @@ class Runner:
         else:
             freeze.train_mode(self.model, phase)
         loader = self._loader(self.train_idx, self.train_labels,
-                              train_transform(self.spec.augment, self.pre.image_size), shuffle=True)
+                              train_augmentation(self.spec.augment, self.pre.image_size, self.device), shuffle=True)
 
         def on_batch(done: int, n: int, t: float, seen: int) -> None:
             self.image_seconds = (time.perf_counter() - t) / seen  # per train image, until epochs are timed

@@ -33,6 +33,7 @@ from .checkpoint import (
     model_state,
     save_checkpoint,
 )
+from .compiling import Compiled
 from .data import ImageStore, decode_split, eval_transform, image_loader, normalize, train_augmentation
 from .device import amp_dtype_for, autocast, pick_device, rng_state, seed_everything, set_cpu_threads, set_rng_state
 from .features import FeatureCache, FeatureExtractor
@@ -117,6 +118,9 @@ class Runner:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = amp_dtype_for(self.device, spec.mixed_precision)
+        self.compiled = Compiled(self.model)  # GRAFT_COMPILE: the train steps and the feature extraction
+        if line := self.compiled.describe():
+            self.cb.on_message(line)
         self.phases = freeze.plan(spec.strategy, list(self.model.groups()), spec.max_epochs(), spec.head_epochs,
                                   spec.warmup_epochs)
         self.total_epochs = sum(p.epochs for p in self.phases)
@@ -154,7 +158,7 @@ class Runner:
     # ------------------------------------------------------------ features
 
     def _extractor(self) -> FeatureExtractor:
-        return FeatureExtractor(self.feature_cache, self.model.body, self.model.num_features, self.spec.backbone,
+        return FeatureExtractor(self.feature_cache, self.compiled.body(), self.model.num_features, self.spec.backbone,
                                 self.weights, self.pre.to_dict(), self.spec.seed, self.split.root)
 
     def _extract(self, idx, labels, preset: str, view: int, progress: _Progress, stage_t0: float,
@@ -275,7 +279,7 @@ class Runner:
             self.image_seconds = (time.perf_counter() - t) / seen  # per train image, until epochs are timed
             progress("train", epoch, done, n, t, self._eta_after_epoch(epoch))
 
-        return train_epoch_on_images(self.model, loader, opt, sched, scaler, self._inputs, self._autocast, micro,
+        return train_epoch_on_images(self.compiled.train(), loader, opt, sched, scaler, self._inputs, self._autocast, micro,
                                      self.device, self.spec.effective_label_smoothing(), on_batch,
                                      class_weights=self.class_weights)
 

@@ -23,7 +23,12 @@
 - decode     the train images decoded and resized at the training size: the CPU path (worker/engine/data.py,
              ImageStore's threads) against worker/engine/gpu_decode.py (GRAFT_GPU_DECODE=on), images/s, how many
              went to the GPU, and the pixel difference;
-- gpu_decode_job   CUDA only: the efficientnet_lite0 `full` job again with GRAFT_GPU_DECODE=on.
+- variants   CUDA only: the efficientnet_lite0 `full` job again with one setting changed each time: JPEG decoding
+             on the GPU (GRAFT_GPU_DECODE=on), augmentation per image on the CPU (GRAFT_GPU_AUGMENT=off: the
+             batch path on the GPU is the default there), torch.compile (GRAFT_COMPILE=on: whole-job time, so its
+             compile time counts);
+- two_jobs   CUDA only: two efficientnet_lite0 `full` jobs at once on the one GPU (what a worker with
+             GRAFT_JOBS_PER_GPU=2 does), each one's train images/s and their sum against the job alone.
 
     .venv/bin/python bench/gpu.py                                  # on the GPU (--device cuda)
     .venv/bin/python bench/gpu.py --device cpu --quick             # smoke run on CPU: figures NOT for reporting
@@ -33,7 +38,7 @@
 On a device machine ../shared does not travel: copy hymenoptera (a slice: --train-per-class/--val-per-class, then
 a larger --repeat) and ref_train.py into an ignored folder of the repo, carry it, and name it with --shared. The
 JSON's keys: machine, settings, dataset, ceiling[model].train|forward[batch], jobs[model].full|features|probe|share,
-ref.full|features, inference, decode, gpu_decode_job, errors, skipped, seconds; each child's log is in <out>-logs/.
+ref.full|features, inference, decode, variants[name], two_jobs, errors, skipped, seconds; each child's log is in <out>-logs/.
 
 The data: ../shared/datasets/hymenoptera (train/ and val/, photos about 500x375) with each train image copied
 --repeat times (for enough optimizer steps per epoch; copies, as Graft's discovery skips symbolic links). Parts run
@@ -385,9 +390,39 @@ class Bench:
             if fw.get(pb, {}).get("images_per_s") and row["probe"]["feature_images_per_s"] else None,
             "probe_batch": int(pb), "job_batch": self.cfg["job_batch"]}
 
-    def gpu_decode_job(self) -> None:
-        self.res["gpu_decode_job"] = self.train_job("efficientnet_lite0", "full", "full-gpu-decode",
-                                                    {"GRAFT_GPU_DECODE": "on"})
+    def variants(self) -> None:
+        out = self.res.setdefault("variants", {})
+        for key, env in VARIANTS.items():
+            if self.left() <= 0:
+                self.res["skipped"].append(f"variants/{key}")
+                continue
+            try:
+                out[key] = {"env": env, **self.train_job("efficientnet_lite0", "full", f"full-{key}", env)}
+            except Exception as e:
+                self.res["errors"][f"variants/{key}"] = f"{type(e).__name__}: {e}"
+            self.save()
+
+    def two_jobs(self) -> None:
+        """Two `full` jobs at once on one GPU, each in its own process, against the same job alone."""
+        got: dict = {}
+
+        def one(k: str) -> None:
+            try:
+                got[k] = self.train_job("efficientnet_lite0", "full", f"full-two-{k}")
+            except Exception as e:
+                got[k] = {"error": f"{type(e).__name__}: {e}"}
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        alone = self.res.get("jobs", {}).get("efficientnet_lite0", {}).get("full", {}).get("train_images_per_s")
+        rates = [got[k].get("train_images_per_s") for k in ("a", "b")]
+        both = sum(rates) if all(rates) else None
+        self.res["two_jobs"] = {"a": got["a"], "b": got["b"], "sum_train_images_per_s": _r(both, 1),
+                                "alone_train_images_per_s": alone,
+                                "sum_over_alone": _r(both / alone, 3) if both and alone else None}
 
     # ------------------------------------------------------------ the reference loop
 
@@ -614,13 +649,18 @@ class Bench:
         for name in others:
             if "jobs" in parts and name in job_models:
                 self.part(f"jobs/{name}", lambda name=name: self.jobs(name))
-        if "gpu_decode_job" in parts and self.a.device.startswith("cuda"):
-            self.part("gpu_decode_job", self.gpu_decode_job)
+        if "variants" in parts and self.a.device.startswith("cuda"):
+            self.part("variants", self.variants)
+        if "two_jobs" in parts and self.a.device.startswith("cuda"):
+            self.part("two_jobs", self.two_jobs)
         self.save()
         if self.a.keep:
             print(f"kept {self.work}", file=sys.stderr)
         else:
             shutil.rmtree(self.work, ignore_errors=True)
+
+VARIANTS = {"gpu_decode_on": {"GRAFT_GPU_DECODE": "on"}, "gpu_augment_off": {"GRAFT_GPU_AUGMENT": "off"},
+            "compile_on": {"GRAFT_COMPILE": "on"}}
 
 
 def markdown(res: dict) -> str:
@@ -675,6 +715,17 @@ def markdown(res: dict) -> str:
               f"img/s ({dc['threads']} threads), {dc['device_path']} path {dc['device_path_images_per_s']} img/s "
               f"({dc['device_path_files']} files on it; mean/max abs pixel difference {dc['mean_abs_diff']} / "
               f"{dc['max_abs_diff']})."]
+    if res.get("variants"):
+        L += ["", "| efficientnet_lite0 `full` with | train img/s (epochs 2+) | first epoch s | whole-run img/s | seconds |",
+              "| --- | --- | --- | --- | --- |"]
+        for r in res["variants"].values():
+            L.append(f"| {' '.join(f'{k}={v}' for k, v in r['env'].items())} | {r['train_images_per_s']} | "
+                     f"{r['first_epoch_s']} | {r['run_images_per_s']} | {r['seconds']} |")
+    tj = res.get("two_jobs")
+    if tj:
+        L += ["", f"Two efficientnet_lite0 `full` jobs at once on the GPU: {tj['a'].get('train_images_per_s')} + "
+              f"{tj['b'].get('train_images_per_s')} = {tj['sum_train_images_per_s']} train img/s against "
+              f"{tj['alone_train_images_per_s']} alone ({tj['sum_over_alone']}x)."]
     if res.get("errors") or res.get("skipped"):
         L += ["", f"Failed: {', '.join(res['errors']) or 'none'}; skipped: {', '.join(res['skipped']) or 'none'}."]
     return "\n".join(L) + "\n"
@@ -685,7 +736,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few steps: checks the script (CPU smoke)")
     ap.add_argument("--out", type=Path, default=None, help="the JSON (default bench/results/gpu-<time>.json)")
-    ap.add_argument("--parts", default="ceiling,jobs,ref,inference,decode,gpu_decode_job")
+    ap.add_argument("--parts", default="ceiling,jobs,ref,inference,decode,variants,two_jobs")
     ap.add_argument("--models", default=None, help=f"comma-separated (default {','.join(MODELS)})")
     ap.add_argument("--budget-s", type=float, default=540, help="start no part after this many seconds")
     ap.add_argument("--ref-workers", type=int, default=2, help="ref_train.py's DataLoader workers (its default: 2)")

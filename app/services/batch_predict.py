@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 BATCH = JobKind.batch_predict.value
 RESULTS = {"csv": "results_csv", "zip": "results_zip"}  # GET .../results.<ext> -> artifact kind
-INPUTS = "batch-inputs"  # storage prefix of the images waiting for their job
+INPUTS = storage.BATCH_INPUTS  # storage prefix of the images waiting for their job (deleted with it)
 
 
 def max_images(settings: Settings) -> int:

@@ -17,7 +17,7 @@ from typing import BinaryIO
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.core.errors import AppError, BadRequest, Conflict, NotFound, Unprocessable
+from app.core.errors import AppError, BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from app.core.settings import Settings
 from app.db.models import FINAL_STATUSES, Dataset, Job, JobKind, User
 from app.services import access, storage, uploads, workspaces
@@ -38,10 +38,11 @@ log = logging.getLogger(__name__)
 
 def register(session: Session, settings: Settings, user: User, name: str, folder: Path, workspace_id: int,
              parent: Dataset | None = None, version: int = 1, changes: dict | None = None,
-             shared: dict[str, str] | None = None) -> Dataset:
+             shared: dict[str, str] | None = None, trusted: frozenset[str] = frozenset()) -> Dataset:
     """The doctor checks `folder`, then it goes into storage and its row is written. A version (app.services.
-    versions) names its parent and the files it shares with it ({relative path: key})."""
-    verdict = diagnose(folder, settings)
+    versions) names its parent, the files it shares with it ({relative path: key}) and the images the doctor
+    passed in the parent (`trusted`, relative paths: hashed, not decoded again)."""
+    verdict = diagnose(folder, settings, trusted)
     root_rel = verdict.root.relative_to(settings.data_dir)
     ds = Dataset(owner_id=user.id, workspace_id=workspace_id, name=name.strip() or folder.name, path=str(root_rel),
                  layout=verdict.layout, classes=verdict.classes, counts=verdict.counts, warnings=verdict.warnings,
@@ -160,7 +161,10 @@ def get_owned(session: Session, user: User, dataset_id: int, need: str = access.
 
 def delete(session: Session, settings: Settings, user: User, dataset_id: int) -> None:
     """Refused while jobs that are not finished use the dataset; finished jobs keep their models, so a
-    dataset that has jobs is refused too (delete the jobs first). Files go after the row."""
+    dataset that has jobs is refused too (delete the jobs first). Its objects go before the rows: its own
+    folder datasets/<id>/ (a version's holds only its own files and the list of those it shares with its
+    parents, which it never deletes; a dataset with versions is refused), its thumbnails (thumbs/<id>/) and its
+    remaining jobs' files; a storage that does not answer is a 503 that keeps the dataset (delete it again)."""
     ds = get_owned(session, user, dataset_id, access.EDIT, "deleting a dataset")
     active = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == ds.id,
                                                                       Job.status.not_in(FINAL_STATUSES)))
@@ -174,14 +178,27 @@ def delete(session: Session, settings: Settings, user: User, dataset_id: int) ->
                                                                     Job.kind == JobKind.train.value))
     if used:
         raise Conflict(f"dataset {ds.id} has {used} job(s) whose models came from it: delete those jobs first")
-    for job in session.scalars(select(Job).where(Job.dataset_id == ds.id)):  # comparisons, searches: no model
-        session.delete(job)
-    session.flush()
+    # comparisons, searches, batches whose training job was deleted: no model
+    jobs = list(session.scalars(select(Job).where(Job.dataset_id == ds.id)))
     folder = settings.data_dir / Path(ds.path).parts[0] / Path(ds.path).parts[1]
     key, _ = storage.dataset_key(ds.path)
+    mine = [key, f"{settings.thumbs_dir.name}/{folder.name}"] if key.startswith(
+        f"{settings.datasets_dir.name}/") else []  # (never a folder that is not an upload's)
+    st = storage.for_settings(settings)
+    try:
+        for prefix in [p for job in jobs for p in storage.job_prefixes(settings, job.id, job.spec)] + mine:
+            storage.forget_tree(st, settings, prefix)
+    except storage.StorageError as e:
+        raise ServiceUnavailable(f"dataset {ds.id} was not deleted: its files could not be removed from the "
+                                 f"storage ({e}). The dataset is kept; delete it again once the storage answers "
+                                 "(check GRAFT_STORAGE_URL and the AWS_* settings)", {"dataset_id": ds.id}) from None
+    for job in jobs:
+        session.delete(job)
+    session.flush()
     session.delete(ds)
     session.commit()
-    storage.forget_tree(storage.for_settings(settings), settings, key)
+    for job in jobs:
+        shutil.rmtree(settings.runs_dir / str(job.id), ignore_errors=True)
     if folder.resolve().is_relative_to(settings.datasets_dir.resolve()):
         shutil.rmtree(folder, ignore_errors=True)
     thumbs = settings.thumbs_dir / folder.name  # sample thumbnails of the dataset page

@@ -26,7 +26,6 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -132,8 +131,9 @@ class ImageCheck:
     bomb: str | None = None  # too large to decode safely: why
 
 
-def check_image(path: str, max_pixels: int) -> ImageCheck:
-    """Hash and decode one image (a JPEG at 1/8 scale: every byte is still read and checked)."""
+def check_image(path: str, max_pixels: int, decode: bool = True) -> ImageCheck:
+    """Hash and decode one image (a JPEG at 1/8 scale: every byte is still read and checked); with `decode`
+    False (a file the doctor already passed: a version's unchanged images), hash it and read its header only."""
     c = ImageCheck(path)
     try:
         with open(path, "rb") as f:
@@ -146,6 +146,8 @@ def check_image(path: str, max_pixels: int) -> ImageCheck:
             w, h = img.size
             if w * h > max_pixels:
                 c.bomb = f"{w}x{h} pixels"
+                return c
+            if not decode:
                 return c
             if img.format == "JPEG" and min(w, h) >= 64:
                 img.draft(None, (max(1, w // 8), max(1, h // 8)))
@@ -168,15 +170,16 @@ def _under(path: str, folder: Path) -> bool:
     return path.startswith(str(folder) + os.sep)
 
 
-def check_images(paths: list[str], settings: Settings) -> list[ImageCheck]:
+def check_images(paths: list[str], settings: Settings, trusted: frozenset[str] = frozenset()) -> list[ImageCheck]:
+    """Every image checked (check_image); those in `trusted` (absolute paths) are not decoded again."""
     if not paths:
         return []
-    check = partial(check_image, max_pixels=settings.max_image_pixels)
+    mp = settings.max_image_pixels
     out: list[ImageCheck] = []
     with ThreadPoolExecutor(max_workers=min(settings.upload_check_threads, len(paths))) as pool:
         # a window at a time: Executor.map makes every task's future up front (100,000 images: ~150 MB)
         for i in range(0, len(paths), CHECK_WINDOW):
-            out.extend(pool.map(check, paths[i:i + CHECK_WINDOW]))
+            out.extend(pool.map(lambda p: check_image(p, mp, p not in trusted), paths[i:i + CHECK_WINDOW]))
     return out
 
 
@@ -198,16 +201,17 @@ class Verdict:
     label_stats: dict | None = None  # multi-label: doctor_manifest.label_stats
 
 
-def diagnose(folder: Path, settings: Settings) -> Verdict:
+def diagnose(folder: Path, settings: Settings, trusted: frozenset[str] = frozenset()) -> Verdict:
     """`examine`, summed up for the dataset row. Uploads of `doctor_process_min_files` files or more are
     checked in a child process: a check of 100,000 images held ~250 MB of paths, hashes and check records,
-    which a long-lived web process keeps as its resident size after they are freed."""
+    which a long-lived web process keeps as its resident size after they are freed. `trusted`: paths relative
+    to `folder` of images the doctor already passed (a version's unchanged ones), hashed but not decoded."""
     if _count_files(folder, settings.doctor_process_min_files) < settings.doctor_process_min_files:
-        return _diagnose(folder, settings)
+        return _diagnose(folder, settings, trusted)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            outcome, peak_kb = pool.submit(_diagnose_in_child, folder, settings).result()
+            outcome, peak_kb = pool.submit(_diagnose_in_child, folder, settings, trusted).result()
             log.info("the doctor's child process checked %s in %.1f s, peak RSS %.1f MB", folder.name,
                      time.perf_counter() - t0, peak_kb / 1000)
         except BrokenProcessPool:
@@ -230,26 +234,27 @@ def _count_files(folder: Path, enough: int) -> int:
     return n
 
 
-def _diagnose(folder: Path, settings: Settings) -> Verdict:
-    split = examine(folder, settings)
+def _diagnose(folder: Path, settings: Settings, trusted: frozenset[str] = frozenset()) -> Verdict:
+    split = examine(folder, settings, trusted)
     items = split.train + split.val
     return Verdict(split.root, split.layout, split.classes, split.counts(), split.warnings, len(items),
                    sum(p.stat().st_size for p, _ in items), split.task,
                    doctor_manifest.label_stats(split) if split.multilabel else None)
 
 
-def _diagnose_in_child(folder: Path, settings: Settings) -> tuple[Verdict | tuple[str, str, list | dict | None], int]:
+def _diagnose_in_child(folder: Path, settings: Settings, trusted: frozenset[str]
+                       ) -> tuple[Verdict | tuple[str, str, list | dict | None], int]:
     """In the child: the verdict, or an AppError as (class name, message, details), which survive pickling;
     with the child's peak RSS in kB."""
     outcome: Verdict | tuple[str, str, list | dict | None]
     try:
-        outcome = _diagnose(folder, settings)
+        outcome = _diagnose(folder, settings, trusted)
     except AppError as e:
         outcome = type(e).__name__, e.message, e.details
     return outcome, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def examine(folder: Path, settings: Settings) -> DataSplit:
+def examine(folder: Path, settings: Settings, trusted: frozenset[str] = frozenset()) -> DataSplit:
     """Checks the upload in `folder` (stray files and unreadable images are removed from it) and returns
     its split, with the doctor's warnings. Raises a 4xx AppError that lists every problem otherwise."""
 
@@ -258,7 +263,7 @@ def examine(folder: Path, settings: Settings) -> DataSplit:
 
     manifest = doctor_manifest.find(folder)
     stray, image_paths, stray_by_dir = sweep(folder, keep=manifest)
-    checks = check_images(image_paths, settings)
+    checks = check_images(image_paths, settings, frozenset(str(folder / t) for t in trusted))
     unreadable = [c for c in checks if c.error]
     for c in unreadable:
         os.unlink(c.path)

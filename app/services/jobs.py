@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
 from app.core.settings import Settings, get_settings
 from app.db.models import FINAL_STATUSES, Artifact, Job, JobStatus, User
-from app.services import access, lifecycle
+from app.services import access, lifecycle, storage
 from app.services import datasets as dataset_service
 from app.services.queue import enqueue_job
 from domain.catalog import CATALOG
@@ -96,14 +96,41 @@ def cancel(session: Session, user: User, job_id: int, settings: Settings | None 
 
 
 def delete(session: Session, settings: Settings, user: User, job_id: int) -> None:
+    """A finished job with its files: every object under its prefixes in the storage (storage.job_prefixes:
+    its run folder, a batch's images; never its dataset's, another job's or the shared feature cache), then
+    its row. The objects go first: a storage that does not answer is a 503 that keeps the job (deleting it
+    again finishes), never a row gone with its files left behind."""
     job = get_owned(session, user, job_id, access.EDIT, "deleting a job")
     if job.status not in FINAL_STATUSES:
         raise Conflict(f"job {job.id} is {job.status}: cancel it first, then delete it")
+    forget_files(session, settings, job)
     session.delete(job)
     session.commit()
-    run_dir = settings.runs_dir / str(job_id)
+    run_dir = settings.runs_dir / str(job_id)  # this host's copy (with object storage: what a worker left here)
     if run_dir.resolve().is_relative_to(settings.runs_dir.resolve()):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def forget_files(session: Session, settings: Settings, job: Job) -> None:
+    """Delete the job's objects from the storage (ServiceUnavailable when it cannot be reached)."""
+    st = storage.for_settings(settings)
+    prefixes = storage.job_prefixes(settings, job.id, job.spec)
+    # an artifact stored outside its run folder (none is today) goes too, unless another job's row names it
+    stray = [a.path for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id))
+             if not any(a.path.startswith(p + "/") for p in prefixes) and not session.scalar(
+                 select(Artifact.id).where(Artifact.path == a.path, Artifact.job_id != job.id))]
+    try:
+        for prefix in prefixes:
+            storage.forget_tree(st, settings, prefix)
+        for key in stray:
+            try:
+                st.delete(key)
+            except ValueError:  # not a storage key (a row written by hand): nothing of ours to delete
+                log.warning("job %s: artifact path %r is not a storage key; left alone", job.id, key)
+    except storage.StorageError as e:
+        raise ServiceUnavailable(f"job {job.id} was not deleted: its files could not be removed from the storage "
+                                 f"({e}). The job is kept; delete it again once the storage answers (check "
+                                 "GRAFT_STORAGE_URL and the AWS_* settings)", {"job_id": job.id}) from None
 
 
 def artifact(session: Session, user: User, job_id: int, kind: str) -> Artifact:

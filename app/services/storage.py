@@ -230,10 +230,15 @@ class S3Storage(Storage):
         return int(head["ContentLength"])
 
     def delete_prefix(self, prefix: str) -> None:
+        """Every object under prefix/ (listed page by page, deleted 1000 at a time: the S3 limit)."""
         batch = [{"Key": self._k(k)} for k, _ in self.keys(prefix)]
         for i in range(0, len(batch), 1000):
-            self._call(f"deleting {prefix}", self.client.delete_objects, Bucket=self.bucket,
-                       Delete={"Objects": batch[i:i + 1000], "Quiet": True})
+            out = self._call(f"deleting {prefix}", self.client.delete_objects, Bucket=self.bucket,
+                             Delete={"Objects": batch[i:i + 1000], "Quiet": True})
+            if out.get("Errors"):  # (a refusal per object comes back in the answer, not as an exception)
+                e = out["Errors"][0]
+                raise StorageError(f"object storage {self.url} refused deleting {len(out['Errors'])} object(s) "
+                                   f"under {prefix} (e.g. {e.get('Key')}: {e.get('Code')})")
 
     def delete(self, key: str) -> None:
         self._call(f"deleting {key}", self.client.delete_object, Bucket=self.bucket, Key=self._k(key))
@@ -454,6 +459,23 @@ def adopt_tree(storage: Storage, settings: Any, local_dir: Path, prefix: str,
 
 
 def forget_tree(storage: Storage, settings: Any, prefix: str) -> None:
-    """Delete a folder from the storage and this host's scratch copy of it."""
+    """Delete a folder from the storage and this host's scratch copies of it (the folder, single files)."""
     storage.delete_prefix(prefix)
     shutil.rmtree(scratch_dir(settings) / safe_key(prefix), ignore_errors=True)
+    shutil.rmtree(scratch_dir(settings) / "files" / safe_key(prefix), ignore_errors=True)
+
+
+BATCH_INPUTS = "batch-inputs"  # a batch prediction's images, waiting for its job: batch-inputs/<hex>
+
+
+def job_prefixes(settings: Any, job_id: int, spec: dict | None) -> list[str]:
+    """The prefixes that hold a job's objects and no one else's: its run folder runs/<id>/ (model, exports,
+    metrics, pictures, checkpoint, a batch's results) and a batch prediction's images (spec.input_key, there
+    until its job has run: a batch cancelled while queued keeps them). Never a dataset's objects, another job's
+    (a batch's model_key is its training job's), nor the feature cache (features/: keyed by content, shared)."""
+    out = [(Path(settings.runs_dir) / str(int(job_id))).relative_to(settings.data_dir).as_posix()]
+    key = str((spec or {}).get("input_key") or "")
+    parts = PurePosixPath(key).parts
+    if len(parts) == 2 and parts[0] == BATCH_INPUTS and parts[1].isalnum():
+        out.append(key)
+    return out

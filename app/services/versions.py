@@ -83,7 +83,8 @@ def create_version(session: Session, settings: Settings, user: User, dataset_id:
                    "n_relabelled": len(plan.relabelled), "n_removed": len(plan.removed), "n_added": len(added)}
         try:
             ds = datasets.register(session, settings, user, name or parent.name, folder, parent.workspace_id,
-                                   parent=parent, version=version, changes=changes, shared=shared)
+                                   parent=parent, version=version, changes=changes, shared=shared,
+                                   trusted=frozenset(plan.moves.values()))
         except AppError as e:  # the doctor's verdict on the result
             e.message = f"these changes would leave no usable dataset: {e.message.replace('the upload was', 'it is')}"
             raise

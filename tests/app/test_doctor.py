@@ -444,9 +444,9 @@ def test_large_uploads_are_checked_in_a_child_process(tmp_path, jpegs, monkeypat
     pids: list[int] = []
     real = doctor.examine
 
-    def spy(folder, settings):
+    def spy(folder, settings, trusted=frozenset()):
         pids.append(os.getpid())
-        return real(folder, settings)
+        return real(folder, settings, trusted)
 
     monkeypatch.setattr(doctor, "examine", spy)  # only this process sees the spy
     api = build(tmp_path, doctor_process_min_files=0)

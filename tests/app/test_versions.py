@@ -174,3 +174,43 @@ def test_in_object_storage_a_version_stores_only_what_changed(s3_bucket, tmp_pat
     web = storage.materialize_tree(storage.for_settings(settings), vkey, settings).joinpath(*vinner)
     assert _tree(got) == _tree(web) and len(_tree(got)) == v["num_images"]
     assert v["changes"]["relabelled"][0]["new_file"] in _tree(got)
+
+
+def test_a_versions_unchanged_images_are_hashed_not_decoded_again_and_new_ones_are(tmp_path, monkeypatch):
+    """The doctor decodes only what a version adds; the images it shares with its parent (which the doctor
+    passed there) are hashed and their headers read: a version of 200,000 images costs seconds, not minutes."""
+    from app.services import doctor
+
+    c, app, settings, h = _site(tmp_path)
+    parent = _upload(c, h)
+    files = sorted(_tree(settings.data_dir / _row(app, parent["id"]).path))
+    decoded: dict[str, bool] = {}
+    real = doctor.check_image
+
+    def spy(path: str, max_pixels: int, decode: bool = True):
+        decoded[Path(path).name] = decode
+        return real(path, max_pixels, decode)
+
+    monkeypatch.setattr(doctor, "check_image", spy)
+    uid = tus_send(c, h, _extra_zip())
+    r = c.post(f"/api/v1/datasets/{parent['id']}/versions", headers=h,
+               json={"relabel": {files[0]: "bees"}, "remove": [files[1]], "uploads": [uid]})
+    assert r.status_code == 201, r.text
+    new = {n for n, d in decoded.items() if d}
+    assert new == {f"new_{f.name}" for f in sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))[20:22]}
+    assert len(decoded) == len(files) - 1 + 2 and Path(files[0]).name in decoded  # the relabelled one too
+    assert r.json()["num_images"] == len(files) - 1 + 2
+
+
+def test_a_header_only_check_still_hashes_and_finds_bombs_and_sizes(tmp_path):
+    from PIL import Image
+
+    from app.services import doctor
+
+    p = tmp_path / "a.jpg"
+    Image.effect_noise((40, 30), 64).save(p)
+    full, quick = doctor.check_image(str(p), 10**6), doctor.check_image(str(p), 10**6, decode=False)
+    assert (quick.sha256, quick.mode, quick.size, quick.error) == (full.sha256, "L", (40, 30), None)
+    assert doctor.check_image(str(p), 1000, decode=False).bomb == "40x30 pixels"
+    p.write_bytes(p.read_bytes()[:-300])  # the header survives, the pixels do not
+    assert doctor.check_image(str(p), 10**6).error and not doctor.check_image(str(p), 10**6, decode=False).error

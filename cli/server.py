@@ -55,13 +55,23 @@ def _sessions():
     return s, session_factory(s.db_url)
 
 
-def worker(concurrency: int = typer.Option(1, help="Jobs run at the same time by this worker."),
+def worker(concurrency: int | None = typer.Option(None, min=1, help="Jobs run at the same time by this worker "
+                                                  "(default: GRAFT_JOBS_PER_GPU x this host's GPUs, 1 without a "
+                                                  "GPU)."),
            loglevel: str = typer.Option("INFO")) -> None:
     """Run a worker that trains queued jobs (on any host that shares GRAFT_DATA_DIR and the database)."""
-    s = _settings()  # noqa: F841
+    s = _settings()
     from app.services.queue import QUEUE
+    from worker.runjob import default_concurrency, worker_gpus
     from worker.tasks import celery_app
 
+    gpus = worker_gpus()  # (asks NVML: CUDA stays uninitialised in this process, which forks the pool children)
+    if concurrency is None:
+        concurrency = default_concurrency(s.jobs_per_gpu, gpus)
+    if gpus:  # each pool child takes GPU (its pool index modulo the GPUs) at its first job (worker.runjob)
+        _say(f"worker: up to {concurrency} job(s) at once on {gpus} GPU(s), {s.jobs_per_gpu} per GPU "
+             f"(GRAFT_JOBS_PER_GPU); a job starts when {s.gpu_job_min_free_mb} MiB are free on its GPU "
+             "(GRAFT_GPU_JOB_MIN_FREE_MB)")
     argv = ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "-Q", QUEUE,
             "--pool", "solo" if concurrency == 1 else "prefork", "--without-gossip", "--without-mingle",
             "-n", f"graft-{os.getpid()}@%h"]

@@ -57,8 +57,16 @@ class Attempt:
     reporter: Reporter
     heartbeat: Heartbeat
     spec: dict
-    data_dir: Path
+    dataset: Path | None  # the dataset's root on this host; None for the kinds that run without it
     settings: Settings
+
+    @property
+    def data_dir(self) -> Path:
+        """The dataset's root on this host: fetched only for the kinds that read it (worker.runjob.NEEDS_DATASET)."""
+        if self.dataset is None:
+            raise RuntimeError(f"job {self.job_id}: this kind of job runs without its dataset; list the kind in "
+                               "worker.runjob.NEEDS_DATASET to have the dataset fetched for it")
+        return self.dataset
 
 
 # Share of the progress bar for the training run; the exports (TorchScript, ONNX and its check) fill the rest.

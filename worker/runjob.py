@@ -68,7 +68,8 @@ def _execute(job_id: int, settings: Settings) -> str:
             s.commit()
         log.info("job %s left in the queue: this worker is shutting down", job_id)
         return "deferred"
-    if too_big_for_this_worker(S, job_id):
+    gpu = this_process_gpu(settings)  # chosen at the first job (None on a CPU-only host)
+    if too_big_for_this_worker(S, job_id) or (gpu is not None and short_of_gpu_memory(S, job_id, gpu, settings)):
         return "deferred"
     with S() as s:
         # the worker's host and process: several workers may share a host
@@ -95,8 +96,8 @@ def _execute(job_id: int, settings: Settings) -> str:
             ok = _finish(S, job_id, JobStatus.failed.value, f"this worker cannot run jobs of kind {kind!r} (it runs "
                          f"{', '.join(JOB_KINDS)}): upgrade the worker", attempt=attempt)
             return "failed" if ok else "superseded"
-        try:
-            data_dir = dataset_dir(settings, data_rel)  # with object storage: fetched once, then reused
+        try:  # with object storage: fetched once, then reused; only for the kinds that read it
+            data_dir = dataset_dir(settings, data_rel) if kind in NEEDS_DATASET else None
         except (storage.StorageError, FileNotFoundError, ValueError) as e:
             ok = _finish(S, job_id, JobStatus.failed.value, f"the dataset's files could not be read from storage "
                          f"({e}): check GRAFT_STORAGE_URL and the AWS_* settings of this worker, then retry",
@@ -117,25 +118,108 @@ def worker_devices() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def too_big_for_this_worker(S, job_id: int) -> bool:
-    """A queued training job whose spec asks for more devices than this worker has is left in the queue for a
-    worker that has them (its task forgotten, as on shutdown, so that a reconciler sends it again), and the
-    job says why (once, not at every new delivery). True when it was left."""
+def worker_gpus() -> int:
+    """The GPUs this worker's pool children spread over: the CUDA devices it sees, at most $GRAFT_WORKER_DEVICES
+    when set; 0 on a CPU-only host. (torch.cuda.device_count() asks NVML and leaves CUDA uninitialised, so the
+    `graft worker` process may call it before it forks its pool children.)"""
+    import torch
+
+    n = torch.cuda.device_count()
+    env = os.environ.get("GRAFT_WORKER_DEVICES", "").strip()
+    return min(n, max(1, int(env))) if n and env else n
+
+
+def default_concurrency(jobs_per_gpu: int, gpus: int) -> int:
+    """How many jobs `graft worker` runs at once without --concurrency: GRAFT_JOBS_PER_GPU on each of its
+    `gpus`; 1 on a CPU-only host (jobs there would only share the same cores)."""
+    return jobs_per_gpu * gpus if gpus > 0 else 1
+
+
+def pool_index() -> int:
+    """This process's index in its worker's pool: billiard numbers the prefork children 0..concurrency-1 and a
+    child started in place of one that died takes the lowest free index, so the numbers stay 0..N-1; 0 in a solo
+    worker (--concurrency 1) and outside a worker."""
+    from billiard.process import current_process
+
+    return int(getattr(current_process(), "index", 0) or 0)
+
+
+_gpu: list = []  # [the GPU this process runs its jobs on (a torch.device), or None], once chosen
+
+
+def this_process_gpu(settings: Settings):
+    """The GPU this process runs its jobs on, chosen at its first job (worker.engine.device.use_gpu): pool child
+    i takes GPU i modulo worker_gpus(), capped at its share of the memory with GRAFT_JOBS_PER_GPU > 1. None on a
+    CPU-only host, where nothing is touched. (At the first job rather than in Celery's worker_process_init: a
+    child that takes longer than 4 s to start, importing torch on a busy host, would be killed by Celery.)"""
+    if not _gpu:
+        gpus = worker_gpus()
+        if gpus == 0:
+            _gpu.append(None)
+        else:
+            from worker.engine.device import use_gpu
+
+            _gpu.append(use_gpu(pool_index(), gpus, settings.jobs_per_gpu))
+            log.info("pool child %d runs its jobs on %s (%d job(s) per GPU)", pool_index(), _gpu[0],
+                     settings.jobs_per_gpu)
+    return _gpu[0]
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def gpu_memory_wait(free_bytes: int, need_bytes: int, device: str) -> str | None:
+    """Whether a GPU with `free_bytes` free may take a job that needs `need_bytes` (GRAFT_GPU_JOB_MIN_FREE_MB):
+    None when it may, else why the job waits."""
+    if free_bytes >= need_bytes:
+        return None
+    return (f"waiting for GPU memory: {_gib(free_bytes)} free on {device}, a job needs {_gib(need_bytes)} "
+            "(GRAFT_GPU_JOB_MIN_FREE_MB)")
+
+
+def _wait_in_queue(S, job_id: int, reason: Callable[[Job], str | None]) -> bool:
+    """Leave a queued training job in the queue when `reason(job)` says why: its task is forgotten, as on
+    shutdown, so that a reconciler sends it again (to another worker, or to this one later), and the job says
+    why (once, not at every new delivery). True when it was left."""
     with S() as s:
         job = s.get(Job, job_id)
         if job is None or job.status != JobStatus.queued.value or job.kind != JobKind.train.value:
             return False
-        need, have = int((job.spec or {}).get("devices") or 1), worker_devices()
-        if need <= have:
+        msg = reason(job)
+        if msg is None:
             return False
-        msg = f"needs {need} devices; this worker has {have}: waiting in the queue for a worker with {need}"
         last = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())).first()
         if last is None or last.kind != "message" or last.data.get("message") != msg:
             add_event(s, job_id, "message", {"message": msg})
         lifecycle.defer(s, job_id)
         s.commit()
-    log.info("job %s left in the queue: it %s", job_id, msg)
+    log.info("job %s left in the queue: %s", job_id, msg)
     return True
+
+
+def too_big_for_this_worker(S, job_id: int) -> bool:
+    """A queued training job whose spec asks for more devices than this worker has is left in the queue for a
+    worker that has them (_wait_in_queue). True when it was left."""
+    def reason(job: Job) -> str | None:
+        need, have = int((job.spec or {}).get("devices") or 1), worker_devices()
+        if need <= have:
+            return None
+        return f"needs {need} devices; this worker has {have}: waiting in the queue for a worker with {need}"
+
+    return _wait_in_queue(S, job_id, reason)
+
+
+def short_of_gpu_memory(S, job_id: int, gpu, settings: Settings) -> bool:
+    """A queued training job is left in the queue (_wait_in_queue) while this process's GPU has less free memory
+    than GRAFT_GPU_JOB_MIN_FREE_MB (other jobs, this worker's or another program's, hold it). True when it was
+    left."""
+    need = settings.gpu_job_min_free_mb << 20
+    if need <= 0:
+        return False
+    from worker.engine.device import free_gpu_bytes
+
+    return _wait_in_queue(S, job_id, lambda job: gpu_memory_wait(free_gpu_bytes(gpu), need, str(gpu)))
 
 
 def run_train(a: Attempt) -> str:
@@ -221,6 +305,9 @@ def dataset_dir(settings: Settings, data_rel: str) -> Path:
     return storage.materialize_tree(storage.for_settings(settings), key, settings).joinpath(*inner)
 
 
+# the kinds whose handler reads the dataset (Attempt.data_dir): the others (a batch prediction: its model file
+# and its own images) run without fetching it
+NEEDS_DATASET = frozenset({JobKind.train.value, JobKind.probe.value, JobKind.label_issues.value})
 # what a worker runs for each job kind (app.db.models.JobKind); a new kind adds its entry here
 JOB_KINDS: dict[str, Callable[[Attempt], str]] = {JobKind.train.value: run_train, JobKind.probe.value: run_probe,
                                                   JobKind.label_issues.value: run_label_issues,

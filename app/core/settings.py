@@ -69,6 +69,12 @@ class Settings(BaseSettings):
                               "it is marked failed instead of re-queued")
     reconcile_interval_s: float = Field(30.0, gt=0, description="How often each worker looks for lost jobs and "
                                         "for queued jobs the broker does not have")
+    jobs_per_gpu: int = Field(1, description="Jobs that share one GPU: `graft worker` without --concurrency runs "
+                              "this many times the host's GPUs at once (1 on a CPU-only host), each pool child "
+                              "on one GPU with at most 0.95/jobs_per_gpu of its memory")
+    gpu_job_min_free_mb: int = Field(2048, description="Free memory (MiB) a worker's GPU must have before the "
+                                     "worker takes a training job; with less, the job stays queued for another "
+                                     "worker or a later delivery (0: no check)")
     default_user: str = Field("admin", description="The first admin, whose invite link `graft serve` prints")
     session_max_age_s: int = 14 * 24 * 3600
     public_url: str = Field("http://127.0.0.1:8000", description="The address users open Graft at: the origin of "
@@ -95,6 +101,21 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown export format(s) {', '.join(unknown)} in GRAFT_EXPORT_FORMATS: choose from "
                              f"{', '.join(AFTER_TRAINING)}")
         return ",".join(names)
+
+    @field_validator("jobs_per_gpu", mode="after")
+    @classmethod
+    def _at_least_one_job(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"GRAFT_JOBS_PER_GPU must be 1 or more (got {v}): it is how many jobs share one GPU")
+        return v
+
+    @field_validator("gpu_job_min_free_mb", mode="after")
+    @classmethod
+    def _not_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"GRAFT_GPU_JOB_MIN_FREE_MB must be 0 or more (got {v}): the free GPU memory, in MiB, "
+                             "a job needs before a worker takes it (0: no check)")
+        return v
 
     @property
     def export_list(self) -> list[str]:

@@ -1,5 +1,6 @@
-"""Where the engine runs and its random state: the device, CPU threads, seeding, saving and restoring every
-RNG (for checkpoints and the out-of-memory retry), and recognising an out-of-memory error."""
+"""Where the engine runs and its random state: the device (and, in a worker's pool child, which GPU and what
+share of it), CPU threads, seeding, saving and restoring every RNG (for checkpoints and the out-of-memory
+retry), and recognising an out-of-memory error."""
 from __future__ import annotations
 
 import os
@@ -22,6 +23,47 @@ def use_cudnn_benchmark(device: torch.device) -> None:
     first epoch on. Nothing is touched on the CPU."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+# several jobs on one GPU (GRAFT_JOBS_PER_GPU): the share of its GPU's memory each of them may take, all of them
+# together leaving a little for the CUDA contexts
+GPU_MEMORY_SHARE = 0.95
+
+
+def gpu_for_child(index: int, gpus: int) -> int | None:
+    """The GPU a worker's pool child `index` (0, 1, ...) runs its jobs on: index modulo the host's `gpus`, so
+    that children spread evenly over them; None without a GPU."""
+    return index % gpus if gpus > 0 else None
+
+
+def memory_fraction(jobs_per_gpu: int) -> float | None:
+    """The share of its GPU's memory one of `jobs_per_gpu` jobs may allocate; None for one job per GPU (no cap)."""
+    return GPU_MEMORY_SHARE / jobs_per_gpu if jobs_per_gpu > 1 else None
+
+
+def use_gpu(index: int, gpus: int, jobs_per_gpu: int) -> torch.device | None:
+    """In a worker's pool child `index`: make GPU gpu_for_child(index, gpus) this process's CUDA device (the
+    engine's "cuda" then means it) and, with several jobs per GPU, cap what this process may allocate on it at
+    memory_fraction(jobs_per_gpu), so that one job cannot starve the others (a job past its share gets an
+    out-of-memory error, which the engine retries with smaller micro-batches). Nothing is touched without a
+    GPU: None."""
+    gpu = gpu_for_child(index, gpus)
+    if gpu is None:
+        return None
+    dev = torch.device("cuda", gpu)
+    torch.cuda.set_device(dev)
+    share = memory_fraction(jobs_per_gpu)
+    if share is not None:
+        torch.cuda.set_per_process_memory_fraction(share, dev)
+    return dev
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """The memory free on `device` now, for every process (what this process's allocator keeps cached from an
+    earlier job is handed back first: it would be free for the next one)."""
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
 
 
 def set_cpu_threads() -> int:

@@ -161,7 +161,8 @@ def fit_head(initial_head: torch.nn.Module, data: HeadData, spec: RunSpec, phase
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """A block that draws from torch's RNG seeded with `seed` and leaves the caller's RNG as it was."""
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+    gpu = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+    with torch.random.fork_rng(devices=[gpu] if gpu is not None else []):
         torch.manual_seed(seed)
         yield
 

@@ -194,3 +194,27 @@ def test_cli_train_searches(hymenoptera_slice, tmp_path):
     bad = subprocess.run([str(graft), "train", str(hymenoptera_slice), "--search", "0"], capture_output=True,
                          text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "--search" in bad.stderr
+
+
+def test_a_multilabel_search_leaves_label_smoothing_out():
+    """Binary cross-entropy per label has no label smoothing: the search does not spend trials on it, and says so."""
+    from support.recorder import Recorder
+
+    from worker.engine import freeze
+    from worker.engine.loop import MultiLabel
+    from worker.engine.search import HeadData, search_head
+
+    g = torch.Generator().manual_seed(0)
+    sets = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    y_train, y_val = torch.randint(0, 4, (60,), generator=g), torch.randint(0, 4, (20,), generator=g)
+    centre = torch.randn(3, 8, generator=g) * 3
+    feats = lambda y: sets[y].float() @ centre + torch.randn(len(y), 8, generator=g)  # noqa: E731
+    data = HeadData([feats(y_train)], y_train.tolist(), feats(y_val), y_val.tolist(), MultiLabel(sets), 16,
+                    torch.device("cpu"))
+    spec = RunSpec(search={"trials": 2}, epochs=5, patience=None)
+    rec = Recorder()
+    report, best = search_head(spec, freeze.features([], 5)[0], data, torch.nn.Sequential(torch.nn.Dropout(0.1),
+                                                                                         torch.nn.Linear(8, 3)), rec)
+    assert "label_smoothing" not in report.space and {"lr", "weight_decay", "dropout"} <= set(report.space)
+    assert all("label_smoothing" not in t.params for t in report.trials) and len(report.trials) == 2
+    assert any("label smoothing is not searched" in m for m in rec.messages) and best is not None

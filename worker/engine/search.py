@@ -34,7 +34,7 @@ from domain.results import LrRangeTest, SearchReport, SearchTrial
 from domain.spec import RunSpec
 
 from . import freeze
-from .loop import Weighting, hits, train_epoch_on_features, val_loss
+from .loop import MultiLabel, Weighting, hits, train_epoch_on_features, val_loss
 from .lr_find import lr_range_test
 from .schedules import phase_scheduler
 
@@ -177,6 +177,9 @@ def search_head(spec: RunSpec, phase: freeze.Phase, data: HeadData, initial_head
     assert spec.search is not None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ranges = space(spec)
+    if isinstance(data.class_weights, MultiLabel) and ranges.pop("label_smoothing", None) is not None:
+        cb.on_message("label smoothing is not searched: multi-label training (binary cross-entropy per label) "
+                      "does not use it")
     sampler = optuna.samplers.TPESampler(seed=spec.seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP_TRIALS,
                                          n_warmup_steps=PRUNE_WARMUP_EPOCHS)

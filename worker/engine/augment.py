@@ -93,11 +93,12 @@ class BatchAugment:
             prm[6] = torch.empty(1).uniform_(-hue, hue).item()
         return img[:, i:i + h, j:j + w], prm
 
-    def collate(self, batch: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], int]]):
-        """((padded uint8 crops N x 3 x Hmax x Wmax, parameters N x N_PARAMS, jitter order), labels)."""
+    def collate(self, batch: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], int]], pin: bool = False):
+        """((padded uint8 crops N x 3 x Hmax x Wmax, parameters N x N_PARAMS, jitter order), labels); `pin`: the
+        crops go straight into page-locked memory (for a non-blocking copy to the GPU, without a second copy)."""
         crops = [c for (c, _), _ in batch]
         hmax, wmax = max(c.shape[1] for c in crops), max(c.shape[2] for c in crops)
-        out = torch.zeros(len(crops), crops[0].shape[0], hmax, wmax, dtype=torch.uint8)
+        out = torch.empty(len(crops), crops[0].shape[0], hmax, wmax, dtype=torch.uint8, pin_memory=pin)
         for k, c in enumerate(crops):
             h, w = c.shape[1], c.shape[2]
             out[k, :, :h, :w] = c

@@ -5,6 +5,7 @@ Pillow); they are re-exported here.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -214,9 +215,13 @@ def image_loader(store: ImageStore, idx: list[int], labels: list[int], transform
     ds = ImageDataset(store, idx, labels, transform.sample if batch_aug else transform)
     cached = all(store.cached(i) for i in idx)
     workers = 0 if cached else min(4, len(os.sched_getaffinity(0)))
+    pin = device.type == "cuda"
+    # in this process, the batch path collates straight into pinned memory; loader workers cannot pin
+    pin_in_collate = batch_aug and pin and workers == 0
+    collate = functools.partial(transform.collate, pin=pin_in_collate) if batch_aug else None
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=False,
-                                         collate_fn=transform.collate if batch_aug else None)
+                                         pin_memory=pin and not pin_in_collate, persistent_workers=False,
+                                         collate_fn=collate)
     return transform.wrap(loader, device) if batch_aug else loader
 
 

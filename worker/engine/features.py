@@ -145,12 +145,14 @@ class FeatureExtractor:
                 chunks = []
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(self.seed * 1009 + view + 1 + 100_003 * i)
+                    n = 0
                     for x, _ in batches(a, b):
                         with autocast():
                             f = self.body(inputs(x))
-                        chunks.append(f.float().cpu())
-                        on_batch(done + sum(len(c) for c in chunks))
-                part = torch.cat(chunks)
+                        chunks.append(f.float())  # on the device until the part is done: no wait per batch
+                        n += len(f)
+                        on_batch(done + n)
+                part = torch.cat(chunks).cpu()
                 if self.cache is not None and len(starts) > 1:
                     self.cache.save(name, part)  # a resume starts after it
             done += len(part)

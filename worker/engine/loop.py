@@ -52,20 +52,28 @@ class MultiLabel:
         per_image = F.binary_cross_entropy_with_logits(logits, t, pos_weight=pw, reduction="none").mean(1)
         return per_image.sum() if reduction == "sum" else per_image.mean()
 
-    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> int:
-        """Images whose every label is right at 0.5 (the subset accuracy's count)."""
+    def hit_count(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Images whose every label is right at 0.5 (the subset accuracy's count), as a tensor on the device."""
         t = self.targets.to(logits.device)[y.to(logits.device)] > 0.5
-        return int(((logits > 0) == t).all(1).sum().item())
+        return ((logits > 0) == t).all(1).sum()
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> int:
+        return int(self.hit_count(logits, y).item())
 
 
 Weighting = torch.Tensor | MultiLabel | None  # a multi-class run's class weights, or the multi-label objective
 
 
-def hits(logits: torch.Tensor, y: torch.Tensor, weighting: Weighting = None) -> int:
-    """Right answers in a batch: the top class (multi-class), every label at 0.5 (multi-label)."""
+def hit_count(logits: torch.Tensor, y: torch.Tensor, weighting: Weighting = None) -> torch.Tensor:
+    """Right answers in a batch, as a tensor on the device (no wait for the GPU): the top class (multi-class),
+    every label at 0.5 (multi-label)."""
     if isinstance(weighting, MultiLabel):
-        return weighting.hits(logits, y)
-    return int((logits.argmax(1) == y).sum().item())
+        return weighting.hit_count(logits, y)
+    return (logits.argmax(1) == y).sum()
+
+
+def hits(logits: torch.Tensor, y: torch.Tensor, weighting: Weighting = None) -> int:
+    return int(hit_count(logits, y, weighting).item())
 
 
 def val_loss(logits: torch.Tensor, y: torch.Tensor, weighting: Weighting = None) -> float:
@@ -129,8 +137,12 @@ def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, a
     With `shard` (data-parallel: every process iterates the same global batches) this process trains on its
     part of each micro-batch, its loss scaled so that the gradients DistributedDataParallel averages are the
     whole batch's; the figures returned are those of all processes together. `class_weights`: see `loss_fn`.
-    Returns (mean loss, accuracy, images seen, seconds)."""
-    loss_sum, correct, seen = 0.0, 0, 0
+    Returns (mean loss, accuracy, images seen, seconds). The loss and the right answers add up on the device:
+    reading them every step would make the CPU wait for the GPU, so that the next batch's loading and
+    augmentation could not overlap this one's step."""
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+    correct_acc = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     t = time.perf_counter()
     for b, (x_all, y_all) in enumerate(loader):
         n = len(y_all)
@@ -152,8 +164,8 @@ def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, a
                 scaler.scale(loss).backward()
             else:
                 loss.backward()
-            loss_sum += loss.item() * n / (shard.world if shard is not None else 1)
-            correct += hits(logits, y, class_weights)
+            loss_acc += loss.detach().double() * (n / (shard.world if shard is not None else 1))
+            correct_acc += hit_count(logits, y, class_weights)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -162,6 +174,7 @@ def train_epoch_on_images(model, loader, opt, sched, scaler, inputs: Callable, a
         sched.step()
         seen += n
         on_batch(b + 1, len(loader), t, seen)
+    loss_sum, correct = loss_acc.item(), int(correct_acc.item())
     if shard is not None:
         loss_sum, all_correct = shard.total(loss_sum, correct)
         correct = round(all_correct)

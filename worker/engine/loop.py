@@ -191,10 +191,10 @@ def predict(model, loader, inputs: Callable, autocast: Callable, micro: int,
     for b, (x_all, _) in enumerate(loader):
         for x in x_all.split(micro):
             with autocast():
-                out.append(model(inputs(x)).float().cpu())
+                out.append(model(inputs(x)).float())  # on the device until the end: no wait per batch
         if on_batch is not None:
             on_batch(b + 1, len(loader), t)
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def retry_on_oom(epoch: Callable[[int], object], model, opt, sched, scaler, device: torch.device,

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
 from app.core.settings import Settings, get_settings
-from app.db.models import FINAL_STATUSES, Artifact, Job, JobStatus, User
+from app.db.models import FINAL_STATUSES, Artifact, Job, JobKind, JobStatus, User
 from app.services import access, lifecycle, storage
 from app.services import datasets as dataset_service
 from app.services.queue import enqueue_job
@@ -103,6 +103,12 @@ def delete(session: Session, settings: Settings, user: User, job_id: int) -> Non
     job = get_owned(session, user, job_id, access.EDIT, "deleting a job")
     if job.status not in FINAL_STATUSES:
         raise Conflict(f"job {job.id} is {job.status}: cancel it first, then delete it")
+    users = [j.id for j in session.scalars(select(Job).where(
+        Job.dataset_id == job.dataset_id, Job.kind == JobKind.batch_predict.value, Job.status.not_in(FINAL_STATUSES)))
+        if (j.spec or {}).get("model_job_id") == job.id]
+    if users:
+        raise Conflict(f"job {job.id}'s model is in use by batch prediction job(s) {', '.join(map(str, users))}, "
+                       "which have not finished: wait for them or cancel them, then delete the job")
     forget_files(session, settings, job)
     session.delete(job)
     session.commit()

@@ -79,6 +79,8 @@ def test_deleting_a_job_removes_its_objects_and_nothing_else(s3_bucket, tmp_path
     assert r.status_code == 201, r.text
     batch, inputs = r.json()["id"], r.json()["spec"]["input_key"]
     assert len(_keys(s3_bucket, inputs + "/")) == 2
+    r = c.delete(f"/api/v1/jobs/{b}")  # its model is the queued batch's: kept while the batch may still run
+    assert r.status_code == 409 and f"batch prediction job(s) {batch}" in r.json()["error"]["message"], r.text
     assert c.post(f"/api/v1/jobs/{batch}/cancel").json()["status"] == "cancelled"
     before = _keys(s3_bucket)
 

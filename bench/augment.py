@@ -5,11 +5,11 @@ device): train images/s of the loader alone, no model, both from the same decode
 CPU side alone (what is left on the CPU when the device part runs on a GPU).
 
     .venv/bin/python bench/augment.py [--data DIR] [--images 256] [--size 224] [--batch 64] [--preset standard]
-                                      [--device cpu|cuda] [--rounds 3] [--json] [--append-docs]
+                                      [--device cpu|cuda] [--rounds 5] [--json] [--append-docs]
 
 The images are the first --images train images of DATA (default: the hymenoptera set), decoded once into an
-ImageStore at the size's resize; each path then runs --rounds epochs over them (the first also warms up
-the device) and the best round counts. On CUDA the batches end on the device (synchronised before the clock
+ImageStore at the size's resize; the paths then take turns for --rounds epochs
+over them each (the first also warms up the device) and each one's best epoch counts. On CUDA the batches end on the device (synchronised before the clock
 stops). Prints a markdown table (and with --json one JSON line); --append-docs appends it to docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from _common import DATASETS, ROOT  # noqa: E402
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--preset", default="standard", choices=["light", "standard"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--append-docs", action="store_true")
     a = ap.parse_args()
@@ -72,13 +73,16 @@ def main() -> None:
     decode_s = time.perf_counter() - t
     idx, labels = list(range(len(paths))), [0] * len(paths)
     torch.manual_seed(0)
-    rates = {}
-    for name, tf in (("per image", train_transform(a.preset, a.size)), ("batch", BatchAugment(a.preset, a.size))):
-        loader = image_loader(store, idx, labels, tf, a.batch, True, device)
-        rates[name] = max(_epoch(loader, device) for _ in range(a.rounds))
-        if name == "batch":  # what stays on the CPU when the device part runs on a GPU: boxes, views, collate
-            rates["batch, CPU side"] = max(_epoch(((x, y) for (x, _, _), y in loader.loader), torch.device("cpu"))
-                                           for _ in range(a.rounds))
+    per_image = image_loader(store, idx, labels, train_transform(a.preset, a.size), a.batch, True, device)
+    batch = image_loader(store, idx, labels, BatchAugment(a.preset, a.size), a.batch, True, device)
+    runs: dict[str, Callable[[], float]] = {
+        "per image": lambda: _epoch(per_image, device), "batch": lambda: _epoch(batch, device),
+        # what stays on the CPU when the device part runs on a GPU: boxes, views, collate
+        "batch, CPU side": lambda: _epoch(((x, y) for (x, _, _), y in batch.loader), torch.device("cpu"))}
+    rates = {k: 0.0 for k in runs}
+    for _ in range(a.rounds):  # the paths in turn, each round: a change of the machine's load hits them alike
+        for k, f in runs.items():
+            rates[k] = max(rates[k], f())
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
            f"CPU ({platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores)",
            "images": len(paths), "size": a.size, "batch": a.batch, "preset": a.preset,

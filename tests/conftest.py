@@ -9,6 +9,11 @@ from support.paths import HYMENOPTERA
 
 # tests never download weights
 os.environ.setdefault("GRAFT_OFFLINE", "1")
+# torch's OpenMP threads (libgomp) sleep while they wait instead of spinning. `make test` runs two test processes
+# on two cores, each with 2-thread torch and real worker processes: spinning threads take the cores from each other
+# (measured, a 3-epoch two_stage run: 9-10 s instead of 3.6-4 s with two at once, 23-34 s instead of 3.5 s beside
+# other tests; alone it costs about 1 s). Set before anything imports torch; the processes the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _copy_slice(dst: Path, per_class: dict[str, int], offset: int = 0) -> Path:
@@ -42,13 +47,13 @@ from support.s3 import s3_bucket, s3_server  # noqa: E402,F401
 # `make test` runs the modules on two processes (pytest-xdist --dist loadfile), handed out in collection order: the
 # longest first, so that no long module starts last while the other process idles. The rest keep their order.
 LONGEST_FIRST = [
-    "tests/worker/test_faults.py", "tests/e2e/test_browser.py", "tests/engine/test_search.py",
-    "tests/worker/test_queue.py", "tests/e2e/test_cluster.py", "tests/e2e/test_supervise.py",
-    "tests/engine/test_export.py", "tests/worker/test_inference.py", "tests/e2e/test_client.py",
-    "tests/worker/test_batch_predict.py", "tests/engine/test_until_plateau.py", "tests/engine/test_training.py",
-    "tests/engine/test_probe.py", "tests/engine/test_labels.py", "tests/engine/test_lite_backbones.py",
-    "tests/app/test_fuzz.py", "tests/engine/test_run_trust.py", "tests/e2e/test_serve.py",
-    "tests/engine/test_distributed.py",
+    "tests/worker/test_faults.py", "tests/e2e/test_browser.py", "tests/engine/test_probe.py",
+    "tests/worker/test_queue.py", "tests/worker/test_inference.py", "tests/e2e/test_cluster.py",
+    "tests/engine/test_training.py", "tests/engine/test_export.py", "tests/worker/test_jobs_per_gpu.py",
+    "tests/app/test_fuzz.py", "tests/engine/test_search.py", "tests/e2e/test_serve.py", "tests/engine/test_labels.py",
+    "tests/e2e/test_client.py", "tests/e2e/test_supervise.py", "tests/engine/test_distributed.py",
+    "tests/worker/test_batch_predict.py", "tests/engine/test_until_plateau.py", "tests/engine/test_run_trust.py",
+    "tests/engine/test_lite_backbones.py",
 ]
 
 

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 GRAFT = Path(sys.executable).with_name("graft")
 FAST = {"GRAFT_HEARTBEAT_TIMEOUT_S": "6", "GRAFT_RECONCILE_INTERVAL_S": "5", "GRAFT_PROGRESS_INTERVAL_S": "0.5"}
-RUN = {"strategy": "full", "epochs": 6, "image_size": 64, "batch_size": 2, "patience": None}
+RUN = {"strategy": "full", "epochs": 3, "image_size": 64, "batch_size": 2, "patience": None}  # killed in epoch 2
 NOTE = "its worker stopped responding; it will resume when a worker takes it"
 
 
@@ -31,7 +31,7 @@ def test_a_killed_worker_is_started_again_and_its_job_resumes(tmp_path: Path):
         pytest.fail(f"the shared dataset {HYMENOPTERA} is missing")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
-    env.update(GRAFT_DATA_DIR=str(tmp_path / "data"), GRAFT_OFFLINE="1", GRAFT_EXPORT_FORMATS="torchscript,onnx", PYTHONUNBUFFERED="1", **FAST)
+    env.update(GRAFT_DATA_DIR=str(tmp_path / "data"), GRAFT_OFFLINE="1", GRAFT_EXPORT_FORMATS="torchscript", PYTHONUNBUFFERED="1", **FAST)
     log = tmp_path / "serve.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen([str(GRAFT), "serve", "--port", str(port)], env=env, cwd=tmp_path,

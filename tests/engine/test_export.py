@@ -154,15 +154,16 @@ def test_a_drifting_export_is_refused_with_its_figures(exported, tmp_path, monke
             return z, np.exp(z) / np.exp(z).sum(1, keepdims=True)
         return perturbed
     monkeypatch.setattr(export_formats, "runner", drifting)
-    results = {r.format: r for r in export_all(out / "model.pt", tmp_path, exported["val"],
-                                               formats=("onnx", "onnx_int8"), check_labels=exported["labels"])}
+    half = len(exported["val"]) // 2  # checked on 10 of the val images: the +1 logit drifts on any of them
+    results = {r.format: r for r in export_all(out / "model.pt", tmp_path, exported["val"][:half],
+                                               formats=("onnx", "onnx_int8"), check_labels=exported["labels"][:half])}
     for fmt in ("onnx", "onnx_int8"):
         r = results[fmt]
         assert not r.ok and r.path is None and not (tmp_path / EXPORT_FORMATS[fmt].file).exists()
         assert "drifts from PyTorch" in r.error and "on the same pixels" in r.error
         assert r.parity["pixels_max_abs_prob_diff"] > r.tolerance["max_pixels_prob_diff"]
         assert r.latency_ms > 0 and r.accuracy is not None  # its figures are recorded
-    assert "calibrated on 20 check images" in results["onnx_int8"].note  # no train images given
+    assert f"calibrated on {half} check images" in results["onnx_int8"].note  # no train images given
     assert not list(tmp_path.glob("*.tmp"))  # nothing half-written left behind
 
 

@@ -75,11 +75,9 @@ def s3_server(tmp_path_factory):
     try:
         yield endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        # SIGKILL: its data goes with the session, and SIGTERM did not end it within 15 s (each test process paid 10)
+        proc.kill()
+        proc.wait(10)
 
 
 @pytest.fixture

@@ -88,10 +88,12 @@ class Worker:
     def dump(self, tail: int = 12000) -> str:
         return f"----- worker log ({self.log_path}) -----\n{self.log()[-tail:]}\n----- end of worker log -----"
 
-    def stop(self) -> None:
+    def stop(self, signal_it: bool = True) -> None:
+        """SIGTERM (unless it was sent already: a second one makes the warm shutdown a cold one), then wait."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        if signal_it:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -264,7 +264,7 @@ def test_job_saved_while_the_broker_was_down_runs_when_a_worker_starts(tmp_path:
         jid = r.json()["error"]["details"]["job_id"]
         # the broker is back (here: the embedded transport over the same database and data directory)
         worker = Worker(Settings(_env_file=None, data_dir=stack.settings.data_dir, database_url=stack.settings.db_url,
-                                 progress_interval_s=0.5), tmp_path)
+                                 progress_interval_s=0.5, export_formats=stack.settings.export_formats), tmp_path)
         worker.start()
         stack.worker = worker
         with stack.log_on_failure():

@@ -71,3 +71,41 @@ def db_url(request, tmp_path) -> Iterator[str]:
                               "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+def queued_job(tmp_path, spec: dict, user: str = "tester"):
+    """A migrated SQLite database under tmp_path with one user, one dataset row and one queued job of `spec`
+    (task id "task-1"): yields (settings, session factory, job id); the engine is disposed afterwards."""
+    from app.core.settings import Settings
+    from app.db.migrate import run_migrations
+    from app.db.models import Dataset, Job, User
+    from app.db.session import engine_for, session_factory
+
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data")
+    settings.ensure_dirs()
+    run_migrations(settings.db_url)
+    S = session_factory(settings.db_url)
+    with S() as s:
+        u = User(name=user)
+        s.add(u)
+        s.flush()
+        ds = Dataset(owner_id=u.id, name="d", path="datasets/d")
+        s.add(ds)
+        s.flush()
+        job = Job(owner_id=u.id, dataset_id=ds.id, spec=spec, status="queued", celery_task_id="task-1")
+        s.add(job)
+        s.commit()
+        jid = job.id
+    yield settings, S, jid
+    engine_for(settings.db_url).dispose()
+
+
+def job_messages(S, jid: int) -> list[str]:
+    """The job's "message" events, oldest first."""
+    from sqlalchemy import select
+
+    from app.db.models import JobEvent
+
+    with S() as s:
+        return [e.data["message"] for e in s.scalars(select(JobEvent).where(JobEvent.job_id == jid,
+                                                                             JobEvent.kind == "message"))]

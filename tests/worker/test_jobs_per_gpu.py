@@ -14,13 +14,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 from sqlalchemy import select
+from support.db import job_messages, queued_job
 from support.stack import GRAFT, TINY_RUN, WORKER_READY_S, Worker, build_stack, close_stack
 from typer.testing import CliRunner
 
 from app.core.settings import Settings
-from app.db.migrate import run_migrations
-from app.db.models import Dataset, Job, JobEvent, User
-from app.db.session import engine_for, session_factory
+from app.db.models import Job, JobEvent
 from cli.main import app as cli_app
 from worker.engine.device import GPU_MEMORY_SHARE, gpu_for_child, memory_fraction, use_gpu
 from worker.runjob import (
@@ -119,56 +118,33 @@ def test_nothing_is_touched_on_a_cpu_only_host(monkeypatch):
 
 
 @pytest.fixture
-def queued_job(tmp_path: Path):
-    settings = Settings(_env_file=None, data_dir=tmp_path / "data")
-    settings.ensure_dirs()
-    run_migrations(settings.db_url)
-    S = session_factory(settings.db_url)
-    with S() as s:
-        user = User(name="gpu-sharer")
-        s.add(user)
-        s.flush()
-        ds = Dataset(owner_id=user.id, name="d", path="datasets/d")
-        s.add(ds)
-        s.flush()
-        job = Job(owner_id=user.id, dataset_id=ds.id, spec={"strategy": "features"}, status="queued",
-                  celery_task_id="task-1")
-        s.add(job)
-        s.commit()
-        jid = job.id
-    yield settings, S, jid
-    engine_for(settings.db_url).dispose()
+def queued(tmp_path: Path):
+    yield from queued_job(tmp_path, {"strategy": "features"}, "gpu-sharer")
 
 
-def _messages(S, jid: int) -> list[str]:
-    with S() as s:
-        return [e.data["message"] for e in s.scalars(select(JobEvent).where(JobEvent.job_id == jid,
-                                                                             JobEvent.kind == "message"))]
-
-
-def test_a_job_short_of_gpu_memory_stays_queued_and_says_why_once(queued_job):
-    settings, S, jid = queued_job
+def test_a_job_short_of_gpu_memory_stays_queued_and_says_why_once(queued):
+    settings, S, jid = queued
     busy = lambda job: gpu_memory_wait(int(1.2 * GIB), settings.gpu_job_min_free_mb << 20, "cuda:0")  # noqa: E731
     assert _wait_in_queue(S, jid, busy) is True
     with S() as s:
         job = s.get(Job, jid)
         assert job.status == "queued" and job.celery_task_id is None and job.attempts == 0
-    msgs = _messages(S, jid)
+    msgs = job_messages(S, jid)
     assert msgs == ["waiting for GPU memory: 1.2 GiB free on cuda:0, a job needs 2.0 GiB (GRAFT_GPU_JOB_MIN_FREE_MB)"]
     assert _wait_in_queue(S, jid, busy) is True  # delivered again, still short: the reason is not repeated
-    assert _messages(S, jid) == msgs
+    assert job_messages(S, jid) == msgs
     # memory freed: the next delivery may claim it
     assert _wait_in_queue(S, jid, lambda job: gpu_memory_wait(40 * GIB, 2 * GIB, "cuda:0")) is False
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="what a CPU-only host does")
-def test_no_admission_check_on_a_cpu_only_host(queued_job):
+def test_no_admission_check_on_a_cpu_only_host(queued):
     """execute() on the CPU goes past the GPU checks to the claim (the dataset's files are missing: it fails)."""
-    settings, S, jid = queued_job
+    settings, S, jid = queued
     assert execute(jid, settings) == "failed"
     with S() as s:
         assert s.get(Job, jid).attempts == 1
-    assert not any(m.startswith("waiting for GPU memory") for m in _messages(S, jid))
+    assert not any(m.startswith("waiting for GPU memory") for m in job_messages(S, jid))
 
 
 # --- a real worker that runs two training jobs at the same time ----------------------------------------------

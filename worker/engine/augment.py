@@ -22,14 +22,12 @@ crops, flips and factors is the same.
 """
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-log = logging.getLogger(__name__)
+from .device import env_choice
 
 ENV = "GRAFT_GPU_AUGMENT"
 MODES = ("auto", "on", "off")
@@ -50,11 +48,7 @@ PRESETS = {"light": Preset((0.35, 1.0), None), "standard": Preset((0.2, 1.0), (0
 
 def augment_mode() -> str:
     """GRAFT_GPU_AUGMENT: auto (default), on or off; an unknown value counts as off (and says so)."""
-    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        log.warning("%s=%r is not one of %s: augmenting each image on the CPU", ENV, mode, ", ".join(MODES))
-        return "off"
-    return mode
+    return env_choice(ENV, MODES, "auto", "off", "augmenting each image on the CPU")
 
 
 def use_batch_path(preset: str, device: torch.device) -> bool:

@@ -14,24 +14,19 @@ retry see the same tensors.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from .device import env_choice
 
 ENV, BACKEND_ENV = "GRAFT_COMPILE", "GRAFT_COMPILE_BACKEND"
 
 
 def compile_enabled() -> bool:
     """GRAFT_COMPILE: on or off (the default); an unknown value counts as off (and says so)."""
-    mode = os.environ.get(ENV, "off").strip().lower() or "off"
-    if mode not in ("on", "off"):
-        log.warning("%s=%r is neither on nor off: not compiling", ENV, mode)
-        return False
-    return mode == "on"
+    return env_choice(ENV, ("on", "off"), "off", "off", "not compiling") == "on"
 
 
 def backend() -> str:

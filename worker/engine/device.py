@@ -3,11 +3,25 @@ share of it), CPU threads, seeding, saving and restoring every RNG (for checkpoi
 retry), and recognising an out-of-memory error."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+
+
+def env_choice(name: str, choices: tuple[str, ...], default: str, fallback: str, then: str) -> str:
+    """A worker setting read from the environment variable `name`, one of `choices` (case and spaces ignored;
+    empty: `default`); an unknown value is taken as `fallback`, with a warning that ends in `then` (what
+    happens instead)."""
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        log.warning("%s=%r is not one of %s: %s", name, value, ", ".join(choices), then)
+        return fallback
+    return value
 
 
 def pick_device(device: str | None = None) -> torch.device:

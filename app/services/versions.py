@@ -3,6 +3,7 @@ uploads) make a new dataset, never an edit in place. The parent stays exactly as
 unchanged images are shared, not copied: hard links on a local disk, and in object storage a list of the
 keys that already hold them (storage.SHARED), so nothing is sent again. The doctor checks the new version
 whole, like an upload. Files are named as uploaded, relative to the dataset's root (e.g. `train/8/00007.png`).
+A multi-label dataset's versions rewrite its labels.csv instead (versions_multilabel).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 from app.core.errors import AppError, BadRequest
 from app.core.settings import Settings
 from app.db.models import Dataset, User
-from app.services import access, datasets, storage, uploads
+from app.services import access, datasets, storage, uploads, versions_multilabel
 from app.services.archives import extract_part
 from app.services.doctor import Problem, examples, plural, refuse
 from domain.errors import DataError
@@ -50,10 +51,6 @@ def create_version(session: Session, settings: Settings, user: User, dataset_id:
     in the dataset, classes that are not its own and contradictory changes are refused (400, naming them)
     before anything is written; a version the doctor refuses leaves no folder and no row."""
     parent = datasets.get_owned(session, user, dataset_id, access.EDIT, "making a version of a dataset")
-    if parent.task == "multilabel":  # its labels live in labels.csv, not in class folders: not supported yet
-        refuse([Problem(f"dataset {parent.id} is multi-label (a labels.csv manifest): versions of multi-label "
-                        "datasets are not supported yet", "upload the corrected dataset (its images and its "
-                        "corrected labels.csv) as a new dataset")])
     if name is not None:
         datasets.check_name(name)
     if not (relabel or remove or upload_ids):
@@ -65,16 +62,26 @@ def create_version(session: Session, settings: Settings, user: User, dataset_id:
     key, inner = storage.dataset_key(parent.path)
     parent_dir = storage.materialize_tree(st, key, settings)
     root = parent_dir.joinpath(*inner)
-    found = read_folders(root, follow_links=False)
-    images = _images(found, parent_dir)
-    plan = _plan(parent, images, found, parent_dir, relabel, remove)
+    manifest = None  # a multi-label dataset's new labels.csv: (its path relative to the folder, its rows)
+    if parent.task == "multilabel":  # its labels live in labels.csv, not in class folders
+        plan = Plan(removed=sorted(remove))
+        plan.moves, plan.relabelled, rows, csv_rel = versions_multilabel.plan(
+            parent, parent_dir, root, relabel, remove, upload_ids, NOT_COPIED)
+        manifest = csv_rel, rows
+    else:
+        found = read_folders(root, follow_links=False)
+        plan = _plan(parent, _images(found, parent_dir), found, parent_dir, relabel, remove)
     parts = [uploads.finished_part(settings, user.id, uid) for uid in upload_ids]  # 404/409 before any write
 
     folder = datasets.new_folder(settings)
     try:
         for old, new in plan.moves.items():
             storage.link_or_copy(parent_dir / old, folder / new)
-        added = _add_uploads(settings, parts, upload_ids, folder, found, parent_dir, inner)
+        if manifest is not None:
+            versions_multilabel.write_manifest(folder / manifest[0], manifest[1])
+            added: list[str] = []
+        else:
+            added = _add_uploads(settings, parts, upload_ids, folder, found, parent_dir, inner)
         parent_shared = storage.shared_files(st, key)
         shared = {new: parent_shared.get(old, f"{key}/{old}") for old, new in plan.moves.items()}
         version = 1 + (session.scalar(select(func.max(Dataset.version)).where(

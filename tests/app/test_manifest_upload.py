@@ -336,11 +336,36 @@ def test_the_dataset_page_shows_label_frequencies_and_cooccurrence(api, images, 
     browser.close()
 
 
-def test_versions_of_a_multilabel_dataset_are_refused(api, images, rows):
+def test_a_version_of_a_multilabel_dataset_relabels_rows_removes_and_shares_the_images(api, images, rows):
     ds = created(api.zip(entries(images, csv_text(rows))))
-    r = api.client.post(f"/api/v1/datasets/{ds['id']}/versions", headers=api.headers,
-                        json={"remove": [rows[0][0]]})
-    assert r.status_code == 422, r.text
-    msg = r.json()["error"]["message"]
-    assert "versions of multi-label datasets are not supported yet" in msg and "upload the corrected dataset" in msg
+    parent_root = api.settings.data_dir / api.app.state.sessions().get(Dataset, ds["id"]).path
+    parent_csv = (parent_root / "labels.csv").read_text()
+    (f0, old0), (f1, _) = rows[0], rows[1]
+    new0 = ";".join(sorted({"ant", "hand"} if set(old0.split(";")) != {"ant", "hand"} else {"bee"}))
+    post = lambda body: api.client.post(f"/api/v1/datasets/{ds['id']}/versions", headers=api.headers,  # noqa: E731
+                                        json=body)
+    # refused before anything is written, each problem named with its fix
+    for body, words in [({"relabel": {f0: "ant;unicorn"}}, ["unknown label", "'unicorn'", "ant"]),
+                        ({"remove": ["images/nope.jpg"]}, ["not in dataset", "images/nope.jpg"]),
+                        ({"relabel": {f0: "ant"}, "remove": [f0]}, ["both relabelled and removed"]),
+                        ({"remove": [f1], "uploads": ["0" * 32]}, ["adding images in a version", "new dataset"])]:
+        r = post(body)
+        assert r.status_code == 400, (body, r.text)
+        for w in words:
+            assert w.lower() in r.json()["error"]["message"].lower(), (w, r.text)
     assert api.rows() == 1
+    r = post({"relabel": {f0: new0.replace(";", " ; ")}, "remove": [f1]})
+    assert r.status_code == 201, r.text
+    v = r.json()
+    assert v["task"] == "multilabel" and v["parent_id"] == ds["id"] and v["num_images"] == ds["num_images"] - 1
+    assert v["changes"]["relabelled"] == [{"file": f0, "from": old0, "to": new0}]
+    assert v["changes"]["removed"] == [f1] and v["changes"]["n_added"] == 0
+    root = api.settings.data_dir / api.app.state.sessions().get(Dataset, v["id"]).path
+    got = {r_[0]: r_[1] for r_ in csv.reader(io.StringIO((root / "labels.csv").read_text()))}
+    assert got[f0] == new0 and f1 not in got and not (root / f1).exists()
+    assert all(got[f] == lbl for f, lbl in rows[2:])
+    assert (parent_root / "labels.csv").read_text() == parent_csv and (parent_root / f1).is_file()
+    assert (root / f0).stat().st_ino == (parent_root / f0).stat().st_ino  # shared, not copied
+    assert api.rows() == 2
+
+

@@ -142,7 +142,8 @@ def create_version(dataset_id: int, body: DatasetVersionCreate, session: Session
     """A new version of the dataset with images relabelled, removed or added (from finished resumable
     uploads laid out like the dataset); the dataset itself is not changed, and the version shares its
     unchanged images. Files not in the dataset, unknown classes and a file both relabelled and removed are
-    refused (400, naming them); the doctor checks the result like an upload."""
+    refused (400, naming them); the doctor checks the result like an upload. A multi-label dataset (a
+    labels.csv) takes `relabel` as {file: "label;label"} (its row's new labels) and `remove`; not `uploads`."""
     ds = versions.create_version(session, settings, user, dataset_id, body.relabel, body.remove, body.uploads,
                                  body.name)
     return DatasetOut.model_validate(ds)

@@ -729,3 +729,47 @@ def test_12_an_upload_interrupted_by_a_reload_resumes_and_skips_the_parts_alread
     assert first >= 2 and len(creations) < parts, (first, creations, parts)
     shot(s, "12-resumed-after-a-reload")
     check_page(s)
+
+
+def test_13_a_multilabel_dataset_trains_and_its_thresholds_move(browser_session, tmp_path):
+    """A labels.csv dataset dropped as a zip: the dataset page shows each label's images and the labels'
+    co-occurrence; the recommended job trains one sigmoid per label; on the job page a label's threshold slider
+    recomputes its figures, and saving stores the threshold with the job (the API's predictions use it)."""
+    from support import multilabel
+
+    s = browser_session
+    page = s["page"]
+    built = multilabel.build(tmp_path / "ml", n_images=40, with_split=True, tile=24)
+    page.goto("/datasets/new")
+    drop_files(page, "#dropzone", [("tags.zip", zip_bytes(built, "tags"), "application/zip")])
+    page.fill("#ds-name", "tags")
+    page.click("#upload-btn")
+    page.wait_for_url(re.compile(r"/datasets/\d+$"), timeout=60_000)
+    main = page.locator("main").inner_text()
+    assert "multi-label" in main and page.locator("#cooccurrence").count() == 1, main
+    assert page.locator("#label-frequencies").inner_text().count("\n") >= len(multilabel.LABELS)
+    shot(s, "13a-multilabel-dataset")
+    check_page(s)
+    page.get_by_role("link", name="Train a model").first.click()
+    page.wait_for_url(re.compile(r"/jobs/new\?dataset_id=\d+"))
+    page.click("#job-submit")
+    job_id = wait_for_job_page(page)
+    wait_status(page, "succeeded", 180)
+    page.wait_for_selector("#evaluation", timeout=20_000)
+    assert "multi-label" in page.locator("#evaluation h2").inner_text()
+    row = page.locator("#label-table tbody tr").first
+    label = row.get_attribute("data-label")
+    before = row.locator(".ml-f1").inner_text()
+    row.locator(".ml-threshold").fill("0.99")
+    assert row.locator(".ml-threshold-text").inner_text() == "0.99"
+    after = row.locator(".ml-f1").inner_text()
+    assert before != after or row.locator(".ml-counts").inner_text().split(" / ")[0] == "0", (before, after)
+    with page.expect_response(lambda r: r.url.endswith("/thresholds") and r.request.method == "PUT") as resp:
+        page.locator("#ml-thresholds-save").click()
+    assert resp.value.status == 200
+    page.wait_for_function("() => document.getElementById('ml-thresholds-note').textContent.startsWith('Set by')")
+    job = page.evaluate(f"fetch('/api/v1/jobs/{job_id}').then(r => r.json())")
+    assert job["result"]["label_thresholds"]["thresholds"][label] == 0.99, job["result"].get("label_thresholds")
+    shot(s, "13b-multilabel-thresholds")
+    check_page(s)
+    s["watch"].check()

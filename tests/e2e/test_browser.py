@@ -757,6 +757,7 @@ def test_13_a_multilabel_dataset_trains_and_its_thresholds_move(browser_session,
     wait_status(page, "succeeded", 180)
     page.wait_for_selector("#evaluation", timeout=20_000)
     assert "multi-label" in page.locator("#evaluation h2").inner_text()
+    assert "Best val share with every label right" in page.locator(".progress-foot").inner_text()
     row = page.locator("#label-table tbody tr").first
     label = row.get_attribute("data-label")
     before = row.locator(".ml-f1").inner_text()

@@ -214,3 +214,39 @@ def test_a_header_only_check_still_hashes_and_finds_bombs_and_sizes(tmp_path):
     assert doctor.check_image(str(p), 1000, decode=False).bomb == "40x30 pixels"
     p.write_bytes(p.read_bytes()[:-300])  # the header survives, the pixels do not
     assert doctor.check_image(str(p), 10**6).error and not doctor.check_image(str(p), 10**6, decode=False).error
+
+
+def test_in_object_storage_a_multilabel_version_stores_only_its_labels_csv(s3_bucket, tmp_path):  # noqa: F811
+    """A labels.csv dataset's version in a real S3 server: its only own object is the rewritten labels.csv (and
+    the list of what it shares); another host gets the images from the parent's keys, less the removed one."""
+    import csv as csv_module
+
+    from support import multilabel
+    from support.web import folder_zip
+
+    c, app, settings, h = _site(tmp_path / "web", storage_url=s3_bucket["url"])
+    built = multilabel.build(tmp_path / "ml", n_images=30, tile=16)
+    r = c.post("/api/v1/datasets", headers=h, data={"name": "tags"},
+               files={"file": ("tags.zip", folder_zip(built), "application/zip")})
+    assert r.status_code == 201, r.text
+    parent = r.json()
+    with open(built / "labels.csv", newline="") as f:
+        rows = list(csv_module.reader(f))[1:]
+    (f0, _), (f1, _) = rows[0], rows[1]
+    r = c.post(f"/api/v1/datasets/{parent['id']}/versions", headers=h,
+               json={"relabel": {f0: "hand"}, "remove": [f1]})
+    assert r.status_code == 201, r.text
+    v = r.json()
+    vkey, vinner = storage.dataset_key(_row(app, v["id"]).path)
+    client, b, prefix = s3_bucket["client"], s3_bucket["bucket"], s3_bucket["prefix"]
+    stored = sorted(o["Key"][len(prefix) + 1:] for o in client.list_objects_v2(
+        Bucket=b, Prefix=f"{prefix}/{vkey}/").get("Contents", []))
+    inside = "/".join(vinner)
+    assert stored == sorted([f"{vkey}/{storage.SHARED}", f"{vkey}/{inside}/labels.csv".replace("//", "/")])
+    other = settings.model_copy(update={"data_dir": tmp_path / "worker"})
+    got = storage.materialize_tree(storage.for_settings(other), vkey, other).joinpath(*vinner)
+    tree = _tree(got)
+    assert f1 not in tree and f0 in tree and len([k for k in tree if k != "labels.csv"]) == v["num_images"] == 29
+    with open(got / "labels.csv", newline="") as f:
+        labels = {row[0]: row[1] for row in list(csv_module.reader(f))[1:]}
+    assert labels[f0] == "hand" and f1 not in labels and len(labels) == 29

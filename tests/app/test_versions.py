@@ -53,6 +53,15 @@ def _extra_zip() -> bytes:
     return buf.getvalue()
 
 
+def _stored(s3_bucket, app, ds_id: int) -> tuple[str, tuple[str, ...], list[str]]:
+    """(the dataset's key, its root inside it, the keys of the objects stored under it) in the test's bucket."""
+    key, inner = storage.dataset_key(_row(app, ds_id).path)
+    client, prefix = s3_bucket["client"], s3_bucket["prefix"]
+    stored = sorted(o["Key"][len(prefix) + 1:] for o in client.list_objects_v2(
+        Bucket=s3_bucket["bucket"], Prefix=f"{prefix}/{key}/").get("Contents", []))
+    return key, inner, stored
+
+
 def _names(counts: dict) -> int:
     return sum(n for per in counts.values() for n in per.values())
 
@@ -162,10 +171,7 @@ def test_in_object_storage_a_version_stores_only_what_changed(s3_bucket, tmp_pat
                json={"relabel": {files[0]: "bees"}, "uploads": [uid]})
     assert r.status_code == 201, r.text
     v = r.json()
-    vkey, vinner = storage.dataset_key(_row(app, v["id"]).path)
-    client, b, prefix = s3_bucket["client"], s3_bucket["bucket"], s3_bucket["prefix"]
-    stored = sorted(o["Key"][len(prefix) + 1:] for o in client.list_objects_v2(
-        Bucket=b, Prefix=f"{prefix}/{vkey}/").get("Contents", []))
+    vkey, vinner, stored = _stored(s3_bucket, app, v["id"])
     inside = "/".join(vinner)
     assert stored == sorted([f"{vkey}/{storage.SHARED}"] + [f"{vkey}/{inside}/{a}" for a in v["changes"]["added"]])
     # another host (an empty data directory) gets the whole version: shared files from the parent's keys
@@ -237,10 +243,7 @@ def test_in_object_storage_a_multilabel_version_stores_only_its_labels_csv(s3_bu
                json={"relabel": {f0: "hand"}, "remove": [f1]})
     assert r.status_code == 201, r.text
     v = r.json()
-    vkey, vinner = storage.dataset_key(_row(app, v["id"]).path)
-    client, b, prefix = s3_bucket["client"], s3_bucket["bucket"], s3_bucket["prefix"]
-    stored = sorted(o["Key"][len(prefix) + 1:] for o in client.list_objects_v2(
-        Bucket=b, Prefix=f"{prefix}/{vkey}/").get("Contents", []))
+    vkey, vinner, stored = _stored(s3_bucket, app, v["id"])
     inside = "/".join(vinner)
     assert stored == sorted([f"{vkey}/{storage.SHARED}", f"{vkey}/{inside}/labels.csv".replace("//", "/")])
     other = settings.model_copy(update={"data_dir": tmp_path / "worker"})

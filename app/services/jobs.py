@@ -109,7 +109,7 @@ def delete(session: Session, settings: Settings, user: User, job_id: int) -> Non
     if users:
         raise Conflict(f"job {job.id}'s model is in use by batch prediction job(s) {', '.join(map(str, users))}, "
                        "which have not finished: wait for them or cancel them, then delete the job")
-    forget_files(session, settings, job)
+    forget_files(settings, job)
     session.delete(job)
     session.commit()
     run_dir = settings.runs_dir / str(job_id)  # this host's copy (with object storage: what a worker left here)
@@ -117,22 +117,13 @@ def delete(session: Session, settings: Settings, user: User, job_id: int) -> Non
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def forget_files(session: Session, settings: Settings, job: Job) -> None:
-    """Delete the job's objects from the storage (ServiceUnavailable when it cannot be reached)."""
+def forget_files(settings: Settings, job: Job) -> None:
+    """Delete the job's objects from the storage (ServiceUnavailable when it cannot be reached). Every artifact
+    a worker stores lies in the job's run folder, one of its prefixes."""
     st = storage.for_settings(settings)
-    prefixes = storage.job_prefixes(settings, job.id, job.spec)
-    # an artifact stored outside its run folder (none is today) goes too, unless another job's row names it
-    stray = [a.path for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id))
-             if not any(a.path.startswith(p + "/") for p in prefixes) and not session.scalar(
-                 select(Artifact.id).where(Artifact.path == a.path, Artifact.job_id != job.id))]
     try:
-        for prefix in prefixes:
+        for prefix in storage.job_prefixes(settings, job.id, job.spec):
             storage.forget_tree(st, settings, prefix)
-        for key in stray:
-            try:
-                st.delete(key)
-            except ValueError:  # not a storage key (a row written by hand): nothing of ours to delete
-                log.warning("job %s: artifact path %r is not a storage key; left alone", job.id, key)
     except storage.StorageError as e:
         raise ServiceUnavailable(f"job {job.id} was not deleted: its files could not be removed from the storage "
                                  f"({e}). The job is kept; delete it again once the storage answers (check "

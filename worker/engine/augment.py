@@ -67,23 +67,27 @@ class BatchAugment:
     def __init__(self, preset: str, size: int):
         if preset not in PRESETS:
             raise ValueError(f"no batch augmentation for preset {preset!r}: use one of {', '.join(PRESETS)}")
+        from torchvision.transforms import RandomResizedCrop
+
         self.preset, self.size, self.p = preset, size, PRESETS[preset]
+        self._crop_params = RandomResizedCrop.get_params
+        self._scale, self._ratio = list(self.p.scale), list(RATIO)
+        if self.p.jitter is not None:  # factors uniform in [1 - x, 1 + x]: lo + span * U(0, 1)
+            b, c, s, _ = self.p.jitter
+            self._lo, self._span = torch.tensor([1 - b, 1 - c, 1 - s]), torch.tensor([2 * b, 2 * c, 2 * s])
 
     # ---------------------------------------------------------------- CPU, per image
 
     def sample(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the crop: a view of the uint8 CHW image, its N_PARAMS parameters) drawn like the per-image path."""
-        from torchvision.transforms import RandomResizedCrop
-
-        i, j, h, w = RandomResizedCrop.get_params(img, list(self.p.scale), list(RATIO))
+        i, j, h, w = self._crop_params(img, self._scale, self._ratio)
         prm = torch.ones(N_PARAMS)
         prm[0], prm[1] = h, w
         prm[2] = float(torch.rand(1).item() < 0.5)
         prm[6] = 0.0
         if self.p.jitter is not None:
-            b, c, s, hue = self.p.jitter
-            prm[3:6] = torch.empty(3).uniform_(0, 1) * torch.tensor([2 * b, 2 * c, 2 * s]) + \
-                torch.tensor([1 - b, 1 - c, 1 - s])
+            hue = self.p.jitter[3]
+            prm[3:6] = torch.empty(3).uniform_(0, 1) * self._span + self._lo
             prm[6] = torch.empty(1).uniform_(-hue, hue).item()
         return img[:, i:i + h, j:j + w], prm
 
